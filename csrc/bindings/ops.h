@@ -1,0 +1,85 @@
+// The Python bindings of every op, written once for both modules: `bind_ops<CpuExec>` in _C and
+// `bind_ops<CudaExec>` in _C_cuda (and its emulated twin _C_emu).
+//
+// Functions take plain values, never torch types: data pointers as integers, int64 sizes, a
+// dtype code, and two integers saying where to run (CPU: thread count, unused; CUDA: device
+// index, stream handle). Parameters are re-checked in C++ and a violation raises ValueError.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "common/exec.h"
+#include "posenc/posenc.h"
+#include "sampling/sampling.h"
+
+namespace gk::bindings {
+
+namespace py = pybind11;
+
+// Holds whatever must be in place while a kernel runs (the CUDA module makes the device current).
+template <class Exec>
+struct ExecScope {
+  explicit ExecScope(const Exec&) {}
+};
+
+template <class Exec>
+Exec make_exec(int64_t where, uintptr_t stream);
+
+template <>
+inline CpuExec make_exec<CpuExec>(int64_t threads, uintptr_t) {
+  return CpuExec{static_cast<int>(threads)};
+}
+
+template <>
+inline CudaExec make_exec<CudaExec>(int64_t device, uintptr_t stream) {
+  return CudaExec{static_cast<int>(device), reinterpret_cast<void*>(stream)};
+}
+
+// Runs op(params, exec) with the GIL released.
+template <class Exec, class Params>
+void run(void (*op)(const Params&, const Exec&), const Params& params, int64_t where, uintptr_t stream) {
+  const Exec exec = make_exec<Exec>(where, stream);
+  py::gil_scoped_release nogil;
+  ExecScope<Exec> scope(exec);
+  op(params, exec);
+}
+
+inline void* ptr(uintptr_t address) { return reinterpret_cast<void*>(address); }
+
+template <class Exec>
+void bind_ops(py::module_& m) {
+  m.def("sinusoidal_encoding",
+        [](int64_t where, uintptr_t stream, uintptr_t out, uintptr_t positions, int64_t n, int dtype, int64_t dim,
+           double log_base, double freq_denominator, double scale, bool interleaved, bool flip) {
+          const SinusoidalParams p{ptr(out), ptr(positions), n, to_dtype(dtype),
+                                   SinusoidalSpec{dim, log_base, freq_denominator, scale, interleaved, flip}};
+          run<Exec>(&sinusoidal_encoding, p, where, stream);
+        });
+  m.def("add_positional_encoding",
+        [](int64_t where, uintptr_t stream, uintptr_t out, uintptr_t x, int64_t rows, int64_t len, int dtype,
+           int64_t dim, int64_t offset, double x_scale, double log_base, bool interleaved) {
+          const SinusoidalSpec spec{dim, log_base, static_cast<double>(dim / 2), 1.0, interleaved, false};
+          const AddPositionalParams p{ptr(out), ptr(x), rows, len, offset, x_scale, to_dtype(dtype), spec};
+          run<Exec>(&add_positional_encoding, p, where, stream);
+        });
+  m.def("normal", [](int64_t where, uintptr_t stream, uintptr_t out, int64_t n, int dtype, uintptr_t seed) {
+    const NormalParams p{ptr(out), n, to_dtype(dtype), static_cast<const int64_t*>(ptr(seed))};
+    run<Exec>(&normal, p, where, stream);
+  });
+  m.def("reparameterize", [](int64_t where, uintptr_t stream, uintptr_t z, uintptr_t mu, uintptr_t logvar, int64_t n,
+                             int dtype, uintptr_t seed) {
+    const ReparameterizeParams p{ptr(z), ptr(mu), ptr(logvar), n, to_dtype(dtype),
+                                 static_cast<const int64_t*>(ptr(seed))};
+    run<Exec>(&reparameterize, p, where, stream);
+  });
+  m.def("gaussian_kl", [](int64_t where, uintptr_t stream, uintptr_t out, uintptr_t mu, uintptr_t logvar, int64_t n,
+                          int dtype, bool partial_sums) {
+    const GaussianKlParams p{ptr(out), ptr(mu), ptr(logvar), n, to_dtype(dtype), partial_sums};
+    run<Exec>(&gaussian_kl, p, where, stream);
+  });
+  m.attr("KL_CHUNK") = kKlChunk;
+}
+
+}  // namespace gk::bindings

@@ -1,0 +1,23 @@
+// A small persistent thread pool for the CPU kernels, sized by the caller's thread count
+// (torch.get_num_threads()), so genkernels and PyTorch share one notion of parallelism.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+namespace gk {
+
+// Runs fn(ctx, begin, end) over disjoint ranges covering [0, n), each of at least `grain`
+// items (except the last), on up to `threads` threads including the caller. Runs inline when
+// the work is too small to share or when the pool is already busy (nested or concurrent calls).
+void parallel_for_impl(int64_t n, int64_t grain, int threads, void (*fn)(void*, int64_t, int64_t), void* ctx);
+
+template <class F>
+void parallel_for(int64_t n, int64_t grain, int threads, F&& body) {
+  using Body = std::remove_reference_t<F>;
+  parallel_for_impl(
+      n, grain, threads, [](void* ctx, int64_t begin, int64_t end) { (*static_cast<Body*>(ctx))(begin, end); },
+      &body);
+}
+
+}  // namespace gk

@@ -1,0 +1,132 @@
+// Transcendental functions computed the same way on the CPU and the GPU.
+//
+// The float versions use only IEEE-exact operations (+, *, fma, /, sqrt, rint, bit moves), so a
+// CPU kernel and a CUDA kernel that call them produce identical bits, the CPU loops vectorise
+// (no libm calls), and noise drawn on either device is the same. Double versions defer to the
+// platform's libm, which is accurate to an ulp on both.
+#pragma once
+
+#include <cmath>
+
+#include "common/hostdevice.h"
+
+namespace gk {
+
+namespace detail {
+// pi/2 split so that k * kPio2Hi is exact for |k| < 2^20 and the three parts carry ~72 bits.
+constexpr float kPio2Hi = 0x1.921fb6p+0f;
+constexpr float kPio2Mid = -0x1.777a5cp-25f;
+constexpr float kPio2Lo = -0x1.ee59dap-50f;
+constexpr float kTwoOverPi = 0x1.45f306p-1f;
+constexpr float kTwoPi = 0x1.921fb6p+2f;
+// ln 2 split so that n * kLn2Hi is exact for |n| < 256.
+constexpr float kLn2Hi = 0x1.62e4p-1f;
+constexpr float kLn2Lo = 0x1.7f7d1cp-20f;
+constexpr float kLog2e = 0x1.715476p+0f;
+
+// sin and cos of r in [-pi/4, pi/4] by their Taylor series (truncation < 2^-28 there).
+GK_HD void sincos_reduced(float r, float* s, float* c) {
+  const float r2 = r * r;
+  float ps = fmaf(r2, 1.0f / 362880.0f, -1.0f / 5040.0f);
+  ps = fmaf(r2, ps, 1.0f / 120.0f);
+  ps = fmaf(r2, ps, -1.0f / 6.0f);
+  *s = fmaf(r * r2, ps, r);
+  float pc = fmaf(r2, -1.0f / 3628800.0f, 1.0f / 40320.0f);
+  pc = fmaf(r2, pc, -1.0f / 720.0f);
+  pc = fmaf(r2, pc, 1.0f / 24.0f);
+  pc = fmaf(r2, pc, -0.5f);
+  *c = fmaf(r2, pc, 1.0f);
+}
+
+// Rotates (sin r, cos r) by q quarter turns, q a float in {0, 1, 2, 3}; selects, not branches,
+// so that loops over it vectorise. A NaN q falls through to a NaN result.
+GK_HD void rotate_quadrant(float q, float s, float c, float* sin_out, float* cos_out) {
+  *sin_out = q == 0.0f ? s : q == 1.0f ? c : q == 2.0f ? -s : -c;
+  *cos_out = q == 0.0f ? c : q == 1.0f ? -s : q == 2.0f ? -c : s;
+}
+
+// k mod 4 for an integral float k; rint of (k - 1.5) / 4 never meets a tie, and unlike floor it
+// vectorises.
+GK_HD float quadrant_of(float k) { return k - 4.0f * rintf((k - 1.5f) * 0.25f); }
+}  // namespace detail
+
+// sin(x) and cos(x) to about an ulp for |x| < 2^20 (Cody-Waite reduction with fused
+// multiply-adds); larger arguments lose accuracy gradually.
+GK_HD void sincos(float x, float* s, float* c) {
+  using namespace detail;
+  const float k = rintf(x * kTwoOverPi);
+  float r = fmaf(-k, kPio2Hi, x);
+  r = fmaf(-k, kPio2Mid, r);
+  r = fmaf(-k, kPio2Lo, r);
+  float sr, cr;
+  sincos_reduced(r, &sr, &cr);
+  rotate_quadrant(quadrant_of(k), sr, cr, s, c);
+}
+
+GK_HD void sincos(double x, double* s, double* c) {
+  *s = sin(x);
+  *c = cos(x);
+}
+
+// sin(2 pi t) and cos(2 pi t) for t in [0, 1), reduced exactly in turns.
+GK_HD void sincos_turns(float t, float* s, float* c) {
+  using namespace detail;
+  const float q = rintf(4.0f * t);
+  const float r = (t - 0.25f * q) * kTwoPi;  // |r| <= pi/4; t - q/4 is exact
+  float sr, cr;
+  sincos_reduced(r, &sr, &cr);
+  rotate_quadrant(quadrant_of(q), sr, cr, s, c);
+}
+
+// Natural logarithm of a positive normal float: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
+// log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172, by its series to s^11.
+GK_HD float log_positive(float x) {
+  using namespace detail;
+  const uint32_t bits = float_bits(x);
+  float e = static_cast<float>(static_cast<int>(bits >> 23) - 127);
+  float m = bits_float((bits & 0x007fffffu) | 0x3f800000u);
+  const bool big = m > 1.41421356f;
+  m = big ? 0.5f * m : m;
+  e = big ? e + 1.0f : e;
+  const float s = (m - 1.0f) / (m + 1.0f);
+  const float s2 = s * s;
+  float p = fmaf(s2, 1.0f / 11.0f, 1.0f / 9.0f);
+  p = fmaf(s2, p, 1.0f / 7.0f);
+  p = fmaf(s2, p, 1.0f / 5.0f);
+  p = fmaf(s2, p, 1.0f / 3.0f);
+  const float two_s = 2.0f * s;
+  const float log_m = fmaf(two_s * s2, p, two_s);
+  return fmaf(e, kLn2Hi, fmaf(e, kLn2Lo, log_m));
+}
+
+// e^x to about an ulp: x = n ln2 + r, |r| <= ln2/2, e^r by its Taylor series to r^7, then
+// scaled by 2^n in two steps so that results near the overflow and underflow limits round once.
+GK_HD float exp(float x) {
+  using namespace detail;
+  float xc = x > -104.0f ? x : -104.0f;  // also maps NaN to a finite value (restored below)
+  xc = xc < 89.0f ? xc : 89.0f;
+  const float n = rintf(xc * kLog2e);
+  float r = fmaf(-n, kLn2Hi, xc);
+  r = fmaf(-n, kLn2Lo, r);
+  float p = fmaf(r, 1.0f / 5040.0f, 1.0f / 720.0f);
+  p = fmaf(r, p, 1.0f / 120.0f);
+  p = fmaf(r, p, 1.0f / 24.0f);
+  p = fmaf(r, p, 1.0f / 6.0f);
+  p = fmaf(r, p, 0.5f);
+  p = fmaf(r, p, 1.0f);
+  p = fmaf(r, p, 1.0f);
+  const int ni = static_cast<int>(n);
+  const int n1 = ni >> 1;
+  const float scale1 = bits_float(static_cast<uint32_t>(n1 + 127) << 23);
+  const float scale2 = bits_float(static_cast<uint32_t>(ni - n1 + 127) << 23);
+  const float y = p * scale1 * scale2;
+  return x != x ? x : y;
+}
+
+GK_HD double exp(double x) { return ::exp(x); }
+
+// Fused multiply-add under one name for both precisions, so templates can call fma(a, b, c).
+GK_HD float fma(float a, float b, float c) { return fmaf(a, b, c); }
+GK_HD double fma(double a, double b, double c) { return ::fma(a, b, c); }
+
+}  // namespace gk

@@ -1,0 +1,24 @@
+"""genkernels: hand-written CUDA kernels and fast CPU kernels for the building blocks of
+generative models, as drop-in PyTorch ops (``torch.ops.genkernels.*``)."""
+
+from __future__ import annotations
+
+from . import reference
+from ._backend import emulated_cuda
+from ._info import info
+from .positional import add_positional_encoding, sinusoidal_encoding
+from .sampling import gaussian_kl, randn, randn_like, reparameterize
+from ._C import __version__
+
+__all__ = [
+    "__version__",
+    "add_positional_encoding",
+    "emulated_cuda",
+    "gaussian_kl",
+    "info",
+    "randn",
+    "randn_like",
+    "reference",
+    "reparameterize",
+    "sinusoidal_encoding",
+]

@@ -1,0 +1,87 @@
+"""Where a kernel runs: the compiled modules, dtype codes and the launch arguments of a tensor.
+
+The compiled core takes plain integers (data pointers, sizes, a dtype code, and where to run),
+so this module is the only bridge between torch tensors and the kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Iterator, Optional
+
+import torch
+
+from . import _C
+
+DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float64: 1,
+    torch.float16: 2,
+    torch.bfloat16: 3,
+    torch.int32: 4,
+    torch.int64: 5,
+}
+
+
+def _optional_module(name: str) -> tuple[Optional[ModuleType], Optional[str]]:
+    try:
+        return __import__(f"genkernels.{name}", fromlist=[name]), None
+    except ImportError as exc:  # not built, or the CUDA runtime cannot load
+        return None, str(exc)
+
+
+_C_cuda, CUDA_IMPORT_ERROR = _optional_module("_C_cuda")
+_C_emu, _ = _optional_module("_C_emu")
+
+# A plain flag rather than a context variable, so that torch.compile can trace the ops' checks.
+_emulating = False
+
+
+@contextlib.contextmanager
+def emulated_cuda() -> Iterator[None]:
+    """Runs the CUDA kernels on CPU tensors through the CPU emulation of CUDA (test builds only)."""
+    if _C_emu is None:
+        raise RuntimeError("genkernels was built without the emulated CUDA module (GENKERNELS_EMULATION=ON)")
+    global _emulating
+    previous, _emulating = _emulating, True
+    try:
+        yield
+    finally:
+        _emulating = previous
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The module that runs a tensor's kernels and the two integers that say where."""
+
+    module: ModuleType
+    where: int  # CPU: thread count; CUDA: device index
+    stream: int  # CUDA stream handle; 0 on the CPU
+    half_types: bool  # whether float16/bfloat16 storage is supported
+
+
+def launch_for(t: torch.Tensor) -> Launch:
+    device = t.device
+    if device.type == "cpu":
+        if _emulating:
+            return Launch(_C_emu, 0, 0, True)
+        return Launch(_C, torch.get_num_threads(), 0, False)
+    if device.type == "cuda":
+        if _C_cuda is None:
+            raise RuntimeError(f"genkernels was built without CUDA support, or its CUDA module failed to load: {CUDA_IMPORT_ERROR}")
+        return Launch(_C_cuda, device.index, torch.cuda.current_stream(device).cuda_stream, True)
+    raise ValueError(f"genkernels runs on cpu and cuda tensors, got a tensor on {device}")
+
+
+def float_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
+    """The floating dtypes the kernels accept on `device`."""
+    if device.type == "cuda" or (device.type == "cpu" and _emulating):
+        return (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    return (torch.float32, torch.float64)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Kernels compute in float64 for float64 storage and in float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,109 @@
+"""Pure-PyTorch implementations of every genkernels op: the oracle of the tests and the
+baseline of the benchmarks. Written for clarity, in the formulas' own terms."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sinusoidal_encoding(
+    positions: Tensor,
+    dim: int,
+    *,
+    base: float = 10000.0,
+    layout: str = "interleaved",
+    flip_sin_to_cos: bool = False,
+    downscale_freq_shift: float = 0.0,
+    scale: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Sinusoidal encoding: frequencies base^(-i / (dim//2 - shift)) rounded once from float64,
+    angle = scale * (position * freq) in the compute dtype, then sin and cos."""
+    compute = _compute_dtype(dtype)
+    half = dim // 2
+    i = torch.arange(half, dtype=torch.float64, device=positions.device)
+    freq = torch.exp(-math.log(base) * i / (half - downscale_freq_shift)).to(compute)
+    angle = scale * (positions.to(compute).unsqueeze(-1) * freq)
+    first, second = torch.sin(angle), torch.cos(angle)
+    if flip_sin_to_cos:
+        first, second = second, first
+    if layout == "interleaved":
+        emb = torch.stack([first, second], dim=-1).flatten(-2)
+    else:
+        emb = torch.cat([first, second], dim=-1)
+    if dim % 2:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb.to(dtype)
+
+
+def add_positional_encoding(
+    x: Tensor, *, offset: int = 0, base: float = 10000.0, layout: str = "interleaved", x_scale: float = 1.0
+) -> Tensor:
+    """x * x_scale + PE[offset : offset + L] for x of shape (..., L, D)."""
+    length, dim = x.shape[-2], x.shape[-1]
+    positions = torch.arange(offset, offset + length, device=x.device)
+    pe = sinusoidal_encoding(positions, dim, base=base, layout=layout, dtype=_compute_dtype(x.dtype))
+    return (x.to(pe.dtype) * x_scale + pe).to(x.dtype)
+
+
+def _mulhilo32(a: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """High and low 32-bit words of a * m for 32-bit values held in int64 (split to avoid overflow)."""
+    p_lo = a * (m & 0xFFFF)
+    p_hi = a * (m >> 16)
+    low_sum = p_lo + ((p_hi & 0xFFFF) << 16)
+    return (p_hi >> 16) + (low_sum >> 32), low_sum & _MASK32
+
+
+def philox4x32_10(counter: Tensor, key: tuple[int, int]) -> Tensor:
+    """Philox4x32-10 (Salmon et al. 2011) of counters (..., 4) of 32-bit words held in int64."""
+    c0, c1, c2, c3 = counter.unbind(-1)
+    k0, k1 = key
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(c0, 0xD2511F53)
+        hi1, lo1 = _mulhilo32(c2, 0xCD9E8D57)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+    return torch.stack([c0, c1, c2, c3], dim=-1)
+
+
+def normal(n: int, seed: int, offset: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """The first n normals of the stream (seed, offset), by Box-Muller in float64: element i is
+    normal i % 4 of counter (i // 4, offset) under key seed."""
+    groups = torch.arange((n + 3) // 4, dtype=torch.int64)
+    counter = torch.stack(
+        [groups & _MASK32, groups >> 32, torch.full_like(groups, offset & _MASK32), torch.full_like(groups, (offset >> 32) & _MASK32)],
+        dim=-1,
+    )
+    words = philox4x32_10(counter, (seed & _MASK32, (seed >> 32) & _MASK32))
+    u1 = ((words[:, 0::2] >> 8) + 1).double() * 2.0**-24
+    u2 = (words[:, 1::2] >> 8).double() * 2.0**-24
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    angle = 2.0 * math.pi * u2
+    z = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=-1)  # (groups, 2 pairs, 2)
+    return z.reshape(-1)[:n].to(dtype)
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
+    """z = mu + exp(logvar / 2) * eps."""
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def gaussian_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "sum") -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) = 0.5 * (mu^2 + exp(logvar) - 1 - logvar)."""
+    kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar)
+    if reduction == "none":
+        return kl
+    if reduction == "sum":
+        return kl.sum()
+    if reduction == "mean":
+        return kl.mean()
+    return kl.sum() / mu.shape[0]
