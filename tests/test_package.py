@@ -1,0 +1,59 @@
+"""The installation: what info() reports, the command line, and the link-time independence from torch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import genkernels
+from genkernels import _backend
+
+
+def test_info_fields():
+    info = genkernels.info()
+    assert info["version"] == genkernels.__version__
+    assert info["modules"]["_C"] is True
+    assert info["cpu_isa"] in info["cpu_isas_built"]
+    assert info["cpu_threads"] == torch.get_num_threads()
+    assert isinstance(info["cuda_available"], bool)
+    if info["modules"]["_C_cuda"]:
+        assert set(info["cuda_archs"]) >= {"sm_80", "sm_86", "sm_89", "sm_90"}
+    else:
+        assert info["cuda_archs"] == []
+
+
+def test_info_command():
+    out = subprocess.run([sys.executable, "-m", "genkernels", "info"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["version"] == genkernels.__version__
+
+
+@pytest.mark.skipif(_backend._C_cuda is None, reason="the CUDA module is built only where nvcc exists")
+def test_cuda_module_imports_without_a_driver():
+    """With no GPU the CUDA module still imports; info says CUDA cannot run now."""
+    env = {"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"}
+    script = "import genkernels, json; print(json.dumps(genkernels.info()))"
+    info = json.loads(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout)
+    assert info["modules"]["_C_cuda"] is True and info["cuda_available"] is False
+
+
+def test_compiled_modules_do_not_link_torch():
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf is not installed")
+    modules = list(Path(genkernels.__file__).parent.glob("_C*.so"))
+    assert modules
+    for module in modules:
+        needed = subprocess.run([readelf, "-d", str(module)], capture_output=True, text=True, check=True).stdout
+        for lib in ("libtorch", "libc10", "libcudart.so"):
+            assert lib not in needed, f"{module.name} links {lib}"
+
+
+def test_unsupported_device_gives_clear_error():
+    with pytest.raises(ValueError, match="cpu and cuda"):
+        _backend.launch_for(torch.empty(2, device="meta"))
