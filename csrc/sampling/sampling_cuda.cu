@@ -51,8 +51,9 @@ __global__ void gaussian_kl_kernel(T* __restrict__ out, const T* __restrict__ mu
     out[e] = static_cast<T>(gaussian_kl_term<C>(static_cast<C>(mu[e]), static_cast<C>(logvar[e])));
 }
 
-// One block per chunk of kKlChunk elements: each thread sums a strided share in double, then a
-// shared-memory tree adds the threads' sums in a fixed order, so the result is deterministic.
+// One block per chunk of kKlChunk elements: each thread sums a strided share in double, then
+// the block adds the threads' sums in a fixed order (a shared-memory tree down to one warp,
+// then warp shuffles), so the result is deterministic.
 template <class T>
 __global__ void gaussian_kl_sum_kernel(double* __restrict__ partials, const T* __restrict__ mu,
                                        const T* __restrict__ logvar, int64_t n) {
@@ -65,11 +66,15 @@ __global__ void gaussian_kl_sum_kernel(double* __restrict__ partials, const T* _
     sum += static_cast<double>(gaussian_kl_term<C>(static_cast<C>(mu[e]), static_cast<C>(logvar[e])));
   sums[threadIdx.x] = sum;
   __syncthreads();
-  for (int width = kThreads / 2; width > 0; width /= 2) {
+  for (int width = kThreads / 2; width >= 32; width /= 2) {
     if (static_cast<int>(threadIdx.x) < width) sums[threadIdx.x] += sums[threadIdx.x + width];
     __syncthreads();
   }
-  if (threadIdx.x == 0) partials[blockIdx.x] = sums[0];
+  if (threadIdx.x < 32) {
+    sum = sums[threadIdx.x];
+    for (int lane_offset = 16; lane_offset > 0; lane_offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, lane_offset);
+    if (threadIdx.x == 0) partials[blockIdx.x] = sum;
+  }
 }
 
 }  // namespace

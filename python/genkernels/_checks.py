@@ -51,6 +51,9 @@ def same_dtype(fn: str, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def broadcast_shapes(fn: str, tensors: dict[str, torch.Tensor]) -> torch.Size:
+    shapes = [t.shape for t in tensors.values()]
+    if all(s == shapes[0] for s in shapes):  # the common case, without torch's slow general path
+        return shapes[0]
     try:
         return torch.broadcast_shapes(*(t.shape for t in tensors.values()))
     except RuntimeError:

@@ -97,6 +97,10 @@ def _reparameterize_backward(ctx, grad):
 _reparameterize.register_autograd(_reparameterize_backward, setup_context=_reparameterize_setup)
 
 
+def _expand(t: Tensor, shape: torch.Size) -> Tensor:
+    return t if t.shape == shape else t.expand(shape)
+
+
 def reparameterize(
     mu: Tensor,
     logvar: Tensor,
@@ -121,7 +125,7 @@ def reparameterize(
     _checks.same_dtype(fn, args)
     shape = _checks.broadcast_shapes(fn, args)
     generator = _checks.generator(fn, generator)
-    mu, logvar = mu.expand(shape), logvar.expand(shape)
+    mu, logvar = _expand(mu, shape), _expand(logvar, shape)
     seed = draw_seed(generator, mu.device)
     z = _reparameterize(mu, logvar, seed)
     if return_noise:
@@ -193,4 +197,4 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "sum") -> Tensor
     reduction = _checks.choice(fn, "reduction", reduction, REDUCTIONS)
     if reduction == "batchmean" and len(shape) == 0:
         raise ValueError(f"{fn}(): reduction 'batchmean' needs at least one dimension, got a 0-d tensor")
-    return _gaussian_kl(mu.expand(shape), logvar.expand(shape), reduction)
+    return _gaussian_kl(_expand(mu, shape), _expand(logvar, shape), reduction)
