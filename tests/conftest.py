@@ -61,8 +61,3 @@ def fresh_seed() -> int:
     torch.manual_seed(seed)
     print(f"GENKERNELS_TEST_SEED={seed}")
     return seed
-
-
-def low_precision_tol(dtype: torch.dtype) -> float:
-    """Absolute tolerance for values of magnitude ~1 stored in dtype: two units in the last place."""
-    return {torch.float16: 2 * 2.0**-10, torch.bfloat16: 2 * 2.0**-7}.get(dtype, 0.0)

@@ -10,7 +10,7 @@ import torch
 import genkernels
 from genkernels import reference
 
-from conftest import low_precision_tol
+from tolerances import low_precision_tol
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, max_angle: float = 5000.0) -> None:

@@ -12,7 +12,7 @@ import torch
 import genkernels
 from genkernels import _C, reference
 
-from conftest import low_precision_tol
+from tolerances import low_precision_tol
 
 # Published known-answer vectors of Philox4x32-10 (Random123's kat_vectors): counter, key, output.
 PHILOX_KAT = [
