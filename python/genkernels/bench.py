@@ -1,0 +1,643 @@
+"""Benchmarks: every genkernels op beside its PyTorch reference, eager and compiled.
+
+``python -m genkernels bench`` first measures the machine's ceilings (copy bandwidth and float32
+matrix-product rate), then times each case of `CASES` three ways: the genkernels op, the
+pure-PyTorch reference run eagerly, and the reference under ``torch.compile``. It prints one
+table with the times, the speed-ups, the achieved bandwidth against the measured copy bandwidth
+and each case's target, then the per-call overhead of each op on a 16-element input.
+
+Every time is the minimum over ``--repeat`` repeats after a warm-up (the median is kept in the
+``--json`` output too); the minimum is the figure least disturbed by other work on the machine.
+A repeat runs the function enough times back to back to last a few milliseconds and reports the
+mean per call. On CUDA, repeats are timed with CUDA events and the device is synchronised.
+
+Adding a benchmark means adding one `Case` to `CASES` (or, for whole models, to `MODEL_CASES`);
+``benchmarks/test_ops.py`` picks the same list up for pytest-benchmark.
+
+This module is imported only by ``python -m genkernels`` and the benchmarks, never by
+``import genkernels``, and imports nothing heavy itself (``torch.compile`` loads its machinery
+on first use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .positional import add_positional_encoding, sinusoidal_encoding
+from .sampling import gaussian_kl, randn_like, reparameterize
+
+F32 = 4  # bytes of a float32 element
+I64 = 8  # bytes of an int64 element
+MI = 1024 * 1024
+
+Sizes = dict[str, int]  # keyword arguments of a case's `inputs`, `bytes_moved`, `flops` and `shape`
+
+
+# --------------------------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a case should reach: a speed-up over the eager reference and a share of the measured
+    copy bandwidth (either may be left out)."""
+
+    speedup: Optional[float] = None  # genkernels time x this <= eager time
+    bandwidth: Optional[float] = None  # achieved GB/s >= this fraction of the copy bandwidth
+
+    def __str__(self) -> str:
+        parts = []
+        if self.speedup is not None:
+            parts.append(f">= {self.speedup:g}x")
+        if self.bandwidth is not None:
+            parts.append(f">= {100 * self.bandwidth:.0f}% BW")
+        return ", ".join(parts)
+
+    def met(self, speedup: Optional[float], bandwidth_fraction: Optional[float]) -> Optional[bool]:
+        """Whether the measured figures reach the target; None when there is no target or a
+        figure it needs is missing."""
+        checks = []
+        if self.speedup is not None:
+            checks.append(None if speedup is None else speedup >= self.speedup)
+        if self.bandwidth is not None:
+            checks.append(None if bandwidth_fraction is None else bandwidth_fraction >= self.bandwidth)
+        if not checks or None in checks:
+            return None
+        return all(checks)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark: a genkernels op and its reference on inputs of a given size.
+
+    A size is a dict of keyword arguments, given to ``inputs`` (after the device), ``bytes_moved``
+    and ``flops``, and formatted into ``shape``. ``full`` is the size of the standard run,
+    ``quick`` the size of ``--quick``, and ``tiny`` (about 16 elements) the size at which the
+    per-call overhead is measured (None: not measured).
+
+    ``inputs(device, **size)`` returns the positional arguments of both callables, so that
+    ``genkernels(*args)`` and ``reference(*args)`` compute the same thing. ``bytes_moved`` is the
+    fewest bytes the op must move (every input read once, every output written once), ``flops``
+    the floating-point operations where counting them is meaningful.
+    """
+
+    name: str
+    shape: str  # format string over the size, e.g. "({n},)"
+    inputs: Callable[..., tuple]
+    genkernels: Callable[..., Any]
+    reference: Callable[..., Any]
+    bytes_moved: Callable[..., int]
+    full: Sizes
+    quick: Sizes
+    tiny: Optional[Sizes] = None
+    flops: Optional[Callable[..., float]] = None
+    compile: bool = True  # also time torch.compile(reference)
+    target: Target = Target()
+    exact: bool = True  # outputs agree with the reference (False for ops that draw noise)
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+    def size(self, scale: str) -> Sizes:
+        """The size for ``scale``: "full", "quick" or "tiny"."""
+        sizes = {"full": self.full, "quick": self.quick, "tiny": self.tiny}
+        if sizes[scale] is None:
+            raise ValueError(f"case {self.name!r} has no {scale} size")
+        return sizes[scale]
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(0)
+
+
+def _mu_logvar(device: torch.device, n: int) -> tuple[Tensor, Tensor]:
+    g = _generator(device)
+    mu = torch.randn(n, generator=g, device=device)
+    logvar = 0.5 * torch.randn(n, generator=g, device=device)
+    return mu, logvar
+
+
+def _positions(device: torch.device, n: int, dim: int) -> tuple[Tensor, int]:
+    return torch.arange(n, device=device), dim
+
+
+def _timesteps(device: torch.device, n: int, dim: int) -> tuple[Tensor, int]:
+    return torch.randint(0, 1000, (n,), generator=_generator(device), device=device), dim
+
+
+def _sequences(device: torch.device, b: int, l: int, d: int) -> tuple[Tensor]:
+    return (torch.randn(b, l, d, generator=_generator(device), device=device),)
+
+
+CASES: list[Case] = [
+    Case(
+        name="reparameterize",
+        shape="({n},)",
+        inputs=_mu_logvar,
+        genkernels=lambda mu, logvar: reparameterize(mu, logvar),
+        reference=lambda mu, logvar: mu + torch.exp(0.5 * logvar) * torch.randn_like(mu),
+        bytes_moved=lambda n: 3 * F32 * n,
+        full=dict(n=16 * MI),
+        quick=dict(n=64 * 1024),
+        tiny=dict(n=16),
+        target=Target(speedup=8, bandwidth=0.5),
+        exact=False,
+    ),
+    Case(
+        name="randn_like",
+        shape="({n},)",
+        inputs=lambda device, n: (torch.empty(n, device=device),),
+        genkernels=lambda x: randn_like(x),
+        reference=lambda x: torch.randn_like(x),
+        bytes_moved=lambda n: F32 * n,
+        full=dict(n=16 * MI),
+        quick=dict(n=64 * 1024),
+        tiny=dict(n=16),
+        target=Target(speedup=4),
+        exact=False,
+    ),
+    Case(
+        name="sinusoidal_table",
+        shape="({n},) -> ({n}, {dim})",
+        inputs=_positions,
+        genkernels=lambda positions, dim: sinusoidal_encoding(positions, dim),
+        reference=lambda positions, dim: reference.sinusoidal_encoding(positions, dim),
+        bytes_moved=lambda n, dim: I64 * n + F32 * n * dim,
+        full=dict(n=8192, dim=1024),
+        quick=dict(n=256, dim=256),
+        tiny=dict(n=2, dim=8),
+        target=Target(speedup=4),
+    ),
+    Case(
+        name="add_positional_encoding",
+        shape="({b}, {l}, {d})",
+        inputs=_sequences,
+        genkernels=lambda x: add_positional_encoding(x),
+        reference=lambda x: reference.add_positional_encoding(x),
+        bytes_moved=lambda b, l, d: 2 * F32 * b * l * d,
+        full=dict(b=8, l=1024, d=1024),
+        quick=dict(b=2, l=64, d=256),
+        tiny=dict(b=1, l=4, d=4),
+    ),
+    Case(
+        name="gaussian_kl_sum",
+        shape="({n},) -> ()",
+        inputs=_mu_logvar,
+        genkernels=lambda mu, logvar: gaussian_kl(mu, logvar, reduction="sum"),
+        reference=lambda mu, logvar: reference.gaussian_kl(mu, logvar, reduction="sum"),
+        bytes_moved=lambda n: 2 * F32 * n + F32,
+        full=dict(n=16 * MI),
+        quick=dict(n=64 * 1024),
+        tiny=dict(n=16),
+    ),
+    Case(
+        # diffusers' get_timestep_embedding as used by the Stable Diffusion UNet
+        name="timestep_embedding",
+        shape="({n},) -> ({n}, {dim})",
+        inputs=_timesteps,
+        genkernels=lambda t, dim: sinusoidal_encoding(t, dim, layout="concat", flip_sin_to_cos=True),
+        reference=lambda t, dim: reference.sinusoidal_encoding(t, dim, layout="concat", flip_sin_to_cos=True),
+        bytes_moved=lambda n, dim: I64 * n + F32 * n * dim,
+        full=dict(n=256, dim=320),
+        quick=dict(n=256, dim=320),
+        tiny=dict(n=1, dim=16),
+    ),
+]
+"""The op benchmarks, in the order they are run and printed."""
+
+MODEL_CASES: list[Case] = []
+"""Whole-model benchmarks, run with ``--models``; none are registered yet."""
+
+
+def select_cases(name_filter: Optional[str] = None, models: bool = False) -> list[Case]:
+    """The cases to run: `CASES` (and `MODEL_CASES` with ``models``) whose name contains
+    ``name_filter`` (case-insensitive)."""
+    cases = CASES + (MODEL_CASES if models else [])
+    if name_filter:
+        cases = [c for c in cases if name_filter.lower() in c.name.lower()]
+    return cases
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to time: the device, the scale of the inputs, repeats and the length of warm-up and
+    of one repeat."""
+
+    device: torch.device
+    quick: bool = False
+    repeat: int = 10
+    compile: bool = True
+    warmup_s: float = 0.2  # warm up for at least this long (and at least two calls)
+    batch_s: float = 0.02  # run enough calls back to back for one repeat to last this long
+
+    @classmethod
+    def make(cls, device: torch.device, *, quick: bool, repeat: Optional[int] = None, compile: Optional[bool] = None) -> "Settings":
+        """The standard settings of a full or a ``quick`` run, with ``repeat`` and ``compile`` as
+        given (default: 10 repeats and compilation for a full run, 3 and none for a quick one)."""
+        return cls(
+            device=device,
+            quick=quick,
+            repeat=repeat if repeat is not None else (3 if quick else 10),
+            compile=compile if compile is not None else not quick,
+            warmup_s=0.005 if quick else 0.2,
+            batch_s=0.001 if quick else 0.02,
+        )
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-call time of a function: minimum and median over ``repeats`` repeats of ``number``
+    back-to-back calls each."""
+
+    min_ms: float
+    median_ms: float
+    repeats: int
+    number: int
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for the work queued on ``device`` (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bind(fn: Callable[..., Any], args: Sequence[Any], device: Optional[torch.device] = None) -> Callable[[], Any]:
+    """``fn(*args)`` as a function of no arguments; given a ``device``, the function returns only
+    once the device has finished (for timers that do not synchronise themselves)."""
+
+    def call() -> Any:
+        out = fn(*args)
+        if device is not None:
+            synchronize(device)
+        return out
+
+    return call
+
+
+def measure(fn: Callable[[], Any], settings: Settings) -> Timing:
+    """Times ``fn()`` on ``settings.device``: warms up for ``settings.warmup_s`` and at least two
+    calls, picks the calls per repeat from the fastest warm-up call so that a repeat lasts about
+    ``settings.batch_s``, then times ``settings.repeat`` repeats with the garbage collector off.
+    On CUDA the device is synchronised before each repeat and the repeat is timed with events
+    recorded around its calls."""
+    device = settings.device
+    warmup_calls, fastest = 0, math.inf
+    start = time.perf_counter()
+    while warmup_calls < 2 or time.perf_counter() - start < settings.warmup_s:
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        fastest = min(fastest, time.perf_counter() - t0)
+        warmup_calls += 1
+    number = max(1, min(1_000_000, math.ceil(settings.batch_s / max(fastest, 1e-9))))
+
+    cuda = device.type == "cuda"
+    times_ms = []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(max(1, settings.repeat)):
+            if cuda:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                synchronize(device)
+                begin.record()
+                for _ in range(number):
+                    fn()
+                end.record()
+                end.synchronize()
+                times_ms.append(begin.elapsed_time(end) / number)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(number):
+                    fn()
+                times_ms.append((time.perf_counter() - t0) * 1e3 / number)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return Timing(min(times_ms), statistics.median(times_ms), len(times_ms), number)
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """What this machine can do at best: copy bandwidth (bytes read + written per second of
+    ``dst.copy_(src)``) and float32 matrix-product rate, each the best of the repeats."""
+
+    copy_bytes: int  # size of the copied tensor
+    copy_gbps: float
+    matmul_n: int  # n of the n x n @ n x n product
+    matmul_gflops: float
+
+
+def measure_ceilings(settings: Settings) -> Ceilings:
+    """Measures the copy bandwidth on a 64 MiB float32 tensor (256 MiB on CUDA, to exceed the L2
+    cache; 4 MiB with ``quick``) and the float32 matmul rate at n = 2048 (8192 on CUDA; 256
+    with ``quick``)."""
+    device = settings.device
+    cuda = device.type == "cuda"
+    copy_bytes = (4 if settings.quick else 256 if cuda else 64) * MI
+    src = torch.rand(copy_bytes // F32, device=device)
+    dst = torch.empty_like(src)
+    copy = measure(bind(dst.copy_, (src,)), settings)
+    del src, dst
+
+    n = 256 if settings.quick else 8192 if cuda else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    c = torch.empty(n, n, device=device)
+    mm = measure(lambda: torch.mm(a, b, out=c), settings)
+    return Ceilings(
+        copy_bytes=copy_bytes,
+        copy_gbps=2 * copy_bytes / (copy.min_ms * 1e-3) / 1e9,
+        matmul_n=n,
+        matmul_gflops=2 * n**3 / (mm.min_ms * 1e-3) / 1e9,
+    )
+
+
+@dataclass
+class CaseResult:
+    """The figures of one case; derived figures are None where they cannot be computed."""
+
+    name: str
+    shape: str
+    bytes: int
+    flops: Optional[float]
+    target: str
+    genkernels: Optional[Timing] = None
+    eager: Optional[Timing] = None
+    compiled: Optional[Timing] = None
+    compile_s: Optional[float] = None  # first call of the compiled reference: compilation + one run
+    overhead_us: Optional[dict[str, float]] = None  # per call at the tiny size: genkernels, eager
+    speedup_eager: Optional[float] = None
+    speedup_compiled: Optional[float] = None
+    gbps: Optional[float] = None
+    bandwidth_fraction: Optional[float] = None  # gbps / copy bandwidth
+    gflops: Optional[float] = None
+    target_met: Optional[bool] = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _compile(case: Case, args: tuple, settings: Settings) -> tuple[Optional[Callable[[], Any]], Optional[float], Optional[str]]:
+    """``torch.compile(case.reference)`` bound to ``args``, compiled by one first call, with the
+    time that call took; or a note saying why there is none."""
+    if not (case.compile and settings.compile):
+        return None, None, None
+    try:
+        call = bind(torch.compile(case.reference, dynamic=False), args)
+        t0 = time.perf_counter()
+        call()
+        synchronize(settings.device)
+        return call, time.perf_counter() - t0, None
+    except Exception as exc:  # no C++ compiler, unsupported Python, an op inductor cannot lower, ...
+        message = str(exc).strip().splitlines()
+        return None, None, f"compile failed: {type(exc).__name__}: {message[0] if message else ''}"[:200]
+
+
+def run_case(case: Case, settings: Settings, ceilings: Optional[Ceilings] = None) -> CaseResult:
+    """Times one case (genkernels, eager reference, compiled reference, and the per-call
+    overhead at the tiny size) and derives speed-ups, bandwidth and target."""
+    size = case.size("quick" if settings.quick else "full")
+    device = settings.device
+    result = CaseResult(
+        name=case.name,
+        shape=case.shape.format(**size),
+        bytes=int(case.bytes_moved(**size)),
+        flops=float(case.flops(**size)) if case.flops is not None else None,
+        target=str(case.target),
+    )
+    if device.type not in case.devices:
+        result.notes.append(f"not run on {device.type}")
+        return result
+
+    args = case.inputs(device, **size)
+    result.genkernels = measure(bind(case.genkernels, args), settings)
+    result.eager = measure(bind(case.reference, args), settings)
+    compiled, result.compile_s, note = _compile(case, args, settings)
+    if note:
+        result.notes.append(note)
+    if compiled is not None:
+        result.compiled = measure(compiled, settings)
+        dynamo = sys.modules.get("torch._dynamo")  # loaded by torch.compile
+        if dynamo is not None:
+            dynamo.reset()  # drop the compiled graphs and guards of this case
+    del args, compiled
+
+    if case.tiny is not None:
+        tiny = case.inputs(device, **case.tiny)
+        result.overhead_us = {
+            "genkernels": measure(bind(case.genkernels, tiny), settings).min_ms * 1e3,
+            "eager": measure(bind(case.reference, tiny), settings).min_ms * 1e3,
+        }
+
+    seconds = result.genkernels.min_ms * 1e-3
+    result.speedup_eager = result.eager.min_ms / result.genkernels.min_ms
+    if result.compiled is not None:
+        result.speedup_compiled = result.compiled.min_ms / result.genkernels.min_ms
+    result.gbps = result.bytes / seconds / 1e9
+    if ceilings is not None:
+        result.bandwidth_fraction = result.gbps / ceilings.copy_gbps
+    if result.flops is not None:
+        result.gflops = result.flops / seconds / 1e9
+    if not settings.quick:  # the targets are for the full sizes
+        result.target_met = case.target.met(result.speedup_eager, result.bandwidth_fraction)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """The CPU, thread count, GPU, software versions and ``genkernels.info()``."""
+    from ._info import info
+
+    return {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "device": str(device),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "genkernels": info(),
+    }
+
+
+def _num(x: Optional[float], suffix: str = "") -> str:
+    """Three significant figures (whole numbers from 1000 up); "-" for None."""
+    if x is None:
+        return "-"
+    return (f"{x:.0f}" if abs(x) >= 1000 else f"{x:.3g}") + suffix
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: Sequence[int] = (0,)) -> str:
+    """Plain-text table; the columns numbered in ``left`` are left-aligned, the others right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def print_header(machine: dict[str, Any], ceilings: Ceilings, settings: Settings, file=None) -> None:
+    """Prints the machine and its measured ceilings."""
+    file = file or sys.stdout
+    where = machine["gpu"] or f"{machine['cpu']}, {machine['threads']} threads"
+    print(f"genkernels {machine['genkernels']['version']} bench on {settings.device} ({where}), torch {machine['torch']}", file=file)
+    print(
+        f"ceilings: copy {ceilings.copy_gbps:.1f} GB/s (read + write, {ceilings.copy_bytes // MI} MiB float32),"
+        f" matmul {ceilings.matmul_gflops:.1f} GFLOP/s (float32, {ceilings.matmul_n}x{ceilings.matmul_n})",
+        file=file,
+        flush=True,
+    )
+
+
+def print_results(results: Sequence[CaseResult], settings: Settings, file=None) -> None:
+    """Prints the table of the cases, the per-call overhead table and the notes."""
+    file = file or sys.stdout
+    rows = []
+    for r in results:
+        met = {None: "", True: "met", False: "MISSED"}[r.target_met]
+        rows.append([
+            r.name,
+            r.shape,
+            _num(r.genkernels and r.genkernels.min_ms),
+            _num(r.eager and r.eager.min_ms),
+            _num(r.speedup_eager, "x"),
+            _num(r.compiled and r.compiled.min_ms),
+            _num(r.speedup_compiled, "x"),
+            _num(r.gbps),
+            _num(r.bandwidth_fraction and 100 * r.bandwidth_fraction, "%"),
+            _num(r.gflops),
+            f"{r.target} {met}".strip(),
+        ])
+    headers = ["case", "shape", "genkernels ms", "eager ms", "vs eager", "compiled ms", "vs compiled",
+               "GB/s", "% copy BW", "GFLOP/s", "target"]
+    print(file=file)
+    print(_table(headers, rows, left=(0, 1, 10)), file=file)
+    print(
+        f"\nms: minimum over {settings.repeat} repeats per call; vs eager / vs compiled: reference time /"
+        " genkernels time; GB/s: inputs read once + outputs written once per genkernels time.",
+        file=file,
+    )
+    if not settings.compile:
+        print("compiled: not timed (on by default in full runs; --compile turns it on).", file=file)
+    if settings.quick:
+        print("targets: not checked at the --quick sizes.", file=file)
+
+    overhead = [r for r in results if r.overhead_us]
+    if overhead:
+        rows = [[r.name, _num(r.overhead_us["genkernels"]), _num(r.overhead_us["eager"]),
+                 _num(r.overhead_us["eager"] / r.overhead_us["genkernels"], "x")] for r in overhead]
+        print("\nper-call overhead on tiny inputs (16 elements), microseconds:", file=file)
+        print(_table(["case", "genkernels us", "eager us", "vs eager"], rows), file=file)
+
+    notes = [f"{r.name}: {n}" for r in results for n in r.notes]
+    if notes:
+        print("\nnotes:", file=file)
+        for n in notes:
+            print(f"  {n}", file=file)
+
+
+def report(machine: dict[str, Any], ceilings: Ceilings, settings: Settings, results: Sequence[CaseResult]) -> dict[str, Any]:
+    """Everything measured, as written by ``--json``."""
+    return {
+        "machine": machine,
+        "settings": {
+            "device": str(settings.device),
+            "quick": settings.quick,
+            "repeat": settings.repeat,
+            "compile": settings.compile,
+            "statistic": "min",
+        },
+        "ceilings": asdict(ceilings),
+        "cases": [asdict(r) for r in results],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the options of ``python -m genkernels bench`` to ``parser``."""
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="where to run (default: cuda if available, else cpu)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes, 3 repeats and no torch.compile: a smoke test in seconds")
+    parser.add_argument("--json", metavar="PATH", default=None, help="also write every figure to PATH as JSON")
+    parser.add_argument("--filter", metavar="SUBSTRING", default=None,
+                        help="run only the cases whose name contains SUBSTRING (case-insensitive)")
+    parser.add_argument("--repeat", metavar="N", type=int, default=None,
+                        help="timed repeats per measurement (default: 10, or 3 with --quick)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time torch.compile of the references (default: on, off with --quick)")
+    parser.add_argument("--models", action="store_true", help="also run the whole-model benchmarks")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``python -m genkernels bench`` with parsed ``args``; returns the exit status (0: ran;
+    1: no case matched; 2: the device cannot be used)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("genkernels bench: --device cuda, but CUDA is not available to torch", file=sys.stderr)
+        return 2
+    if args.repeat is not None and args.repeat < 1:
+        print("genkernels bench: --repeat must be at least 1", file=sys.stderr)
+        return 2
+    if args.models and not MODEL_CASES:
+        print("model benchmarks are not available yet (genkernels.bench.MODEL_CASES is empty)")
+    cases = select_cases(args.filter, args.models)
+    if not cases:
+        print(f"genkernels bench: no case matches {args.filter!r}", file=sys.stderr)
+        return 1
+
+    settings = Settings.make(device, quick=args.quick, repeat=args.repeat, compile=args.compile)
+    started = time.perf_counter()
+    machine = machine_info(device)
+    ceilings = measure_ceilings(settings)
+    print_header(machine, ceilings, settings)
+    results = []
+    for case in cases:
+        print(f"  timing {case.name} ...", file=sys.stderr, flush=True)
+        results.append(run_case(case, settings, ceilings))
+    print_results(results, settings)
+    print(f"\nbench took {time.perf_counter() - started:.1f} s")
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report(machine, ceilings, settings, results), f, indent=2)
+            f.write("\n")
+        print(f"wrote {args.json}")
+    return 0
