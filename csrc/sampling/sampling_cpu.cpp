@@ -134,8 +134,16 @@ void gaussian_kl_kernel(const GaussianKlParams& p, int threads) {
       const int64_t first = c * kKlChunk;
       const int64_t last = p.n < first + kKlChunk ? p.n : first + kKlChunk;
       if (p.partial_sums) {
+        // kSumLanes running sums, added in a fixed order at the end: the loop vectorises and
+        // the result is the same on every instruction set.
+        constexpr int kSumLanes = 16;
+        double lanes[kSumLanes] = {};
+        int64_t i = first;
+        for (; i + kSumLanes <= last; i += kSumLanes)
+          for (int k = 0; k < kSumLanes; ++k) lanes[k] += static_cast<double>(gaussian_kl_term<T>(mu[i + k], logvar[i + k]));
+        for (int k = 0; i < last; ++i, ++k) lanes[k] += static_cast<double>(gaussian_kl_term<T>(mu[i], logvar[i]));
         double sum = 0.0;
-        for (int64_t i = first; i < last; ++i) sum += static_cast<double>(gaussian_kl_term<T>(mu[i], logvar[i]));
+        for (int k = 0; k < kSumLanes; ++k) sum += lanes[k];
         static_cast<double*>(p.out)[c] = sum;
       } else {
         T* out = static_cast<T*>(p.out);
