@@ -8,7 +8,7 @@
 
 namespace gk {
 
-enum class DType : int { f32 = 0, f64 = 1, f16 = 2, bf16 = 3, i32 = 4, i64 = 5 };
+enum class DType : int { f32 = 0, f64 = 1, f16 = 2, bf16 = 3, i32 = 4, i64 = 5, b8 = 6 };
 
 inline size_t dtype_size(DType t) {
   switch (t) {
@@ -16,6 +16,7 @@ inline size_t dtype_size(DType t) {
     case DType::i64: return 8;
     case DType::f16:
     case DType::bf16: return 2;
+    case DType::b8: return 1;
     default: return 4;
   }
 }
@@ -28,12 +29,13 @@ inline const char* dtype_name(DType t) {
     case DType::bf16: return "bfloat16";
     case DType::i32: return "int32";
     case DType::i64: return "int64";
+    case DType::b8: return "bool";
   }
   return "unknown";
 }
 
 inline DType to_dtype(int code) {
-  if (code < 0 || code > static_cast<int>(DType::i64))
+  if (code < 0 || code > static_cast<int>(DType::b8))
     throw std::invalid_argument("genkernels: unknown dtype code " + std::to_string(code));
   return static_cast<DType>(code);
 }

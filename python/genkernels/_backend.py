@@ -22,6 +22,7 @@ DTYPE_CODES = {
     torch.bfloat16: 3,
     torch.int32: 4,
     torch.int64: 5,
+    torch.bool: 6,
 }
 
 
