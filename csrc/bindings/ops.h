@@ -7,9 +7,13 @@
 #pragma once
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
 
 #include <cstdint>
 
+#include "attention/attention.h"
 #include "common/exec.h"
 #include "posenc/posenc.h"
 #include "sampling/sampling.h"
@@ -80,6 +84,40 @@ void bind_ops(py::module_& m) {
     run<Exec>(&gaussian_kl, p, where, stream);
   });
   m.attr("KL_CHUNK") = kKlChunk;
+  m.def("attention_forward",
+        [](int64_t where, uintptr_t stream, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
+           std::array<int64_t, 7> sizes, std::array<int64_t, 3> q_stride, std::array<int64_t, 3> k_stride,
+           std::array<int64_t, 3> v_stride, uintptr_t mask, int mask_dtype, std::array<int64_t, 4> mask_stride,
+           uintptr_t kv_lens, double scale, int64_t window_left, int64_t window_right, bool bottom_right, int dtype) {
+          AttentionParams p{};
+          p.q = ptr(q);
+          p.k = ptr(k);
+          p.v = ptr(v);
+          p.out = ptr(out);
+          p.lse = static_cast<float*>(ptr(lse));
+          p.batch = sizes[0];
+          p.heads_q = sizes[1];
+          p.heads_kv = sizes[2];
+          p.len_q = sizes[3];
+          p.len_kv = sizes[4];
+          p.dim_qk = sizes[5];
+          p.dim_v = sizes[6];
+          for (int d = 0; d < 3; ++d) {
+            p.q_stride[d] = q_stride[d];
+            p.k_stride[d] = k_stride[d];
+            p.v_stride[d] = v_stride[d];
+          }
+          p.mask = ptr(mask);
+          p.mask_dtype = to_dtype(mask_dtype);
+          for (int d = 0; d < 4; ++d) p.mask_stride[d] = mask_stride[d];
+          p.kv_lens = static_cast<const int32_t*>(ptr(kv_lens));
+          p.scale = scale;
+          p.window_left = window_left;
+          p.window_right = window_right;
+          p.bottom_right = bottom_right;
+          p.dtype = to_dtype(dtype);
+          run<Exec>(&attention_forward, p, where, stream);
+        });
 }
 
 }  // namespace gk::bindings

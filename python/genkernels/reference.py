@@ -4,6 +4,7 @@ baseline of the benchmarks. Written for clarity, in the formulas' own terms."""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -107,3 +108,54 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "sum") -> Tensor
     if reduction == "mean":
         return kl.mean()
     return kl.sum() / mu.shape[0]
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    *,
+    causal_alignment: str = "top_left",
+    window: Optional[tuple] = None,
+    kv_lens: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Attention by its definition, returning (output, lse): scores = scale q k^T + bias over the
+    allowed keys, softmax, times v; rows with no allowed key give 0 output and 0 lse. Computed in
+    the inputs' dtype (pass float64 for an oracle)."""
+    len_q, len_kv = query.shape[-2], key.shape[-2]
+    if enable_gqa and query.dim() >= 3 and query.shape[-3] != key.shape[-3]:
+        repeat = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(repeat, dim=-3), value.repeat_interleave(repeat, dim=-3)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = scale * (query @ key.transpose(-2, -1))
+    allowed = torch.ones(scores.shape, dtype=torch.bool, device=query.device)
+    i = torch.arange(len_q, device=query.device)[:, None]
+    j = torch.arange(len_kv, device=query.device)[None, :]
+    kv_len = torch.full((1,), len_kv, device=query.device) if kv_lens is None else kv_lens.to(torch.int64)
+    kv_len = kv_len.reshape((-1,) + (1,) * (scores.dim() - 1))  # broadcast over the batch dimension
+    diagonal = kv_len - len_q if causal_alignment == "bottom_right" else torch.zeros_like(kv_len)
+    left, right = window if window is not None else (-1, -1)
+    left, right = (-1 if left is None else left), (-1 if right is None else right)
+    if is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    offset = j - (i + diagonal)
+    if left >= 0:
+        allowed = allowed & (offset >= -left)
+    if right >= 0:
+        allowed = allowed & (offset <= right)
+    allowed = allowed & (j < kv_len)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = allowed & attn_mask
+        else:
+            scores = scores + attn_mask.to(scores.dtype)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    empty = torch.isneginf(lse)
+    weights = torch.exp(scores - torch.where(empty, torch.zeros_like(lse), lse).unsqueeze(-1))
+    out = weights @ value
+    return out, torch.where(empty, torch.zeros_like(lse), lse)

@@ -1,0 +1,72 @@
+// Scaled dot-product attention, forward: parameters and entry points.
+//
+// For each batch b, query head h and query position i (Dao et al., FlashAttention, 2022):
+//   s_ij = scale * q_i . k_j + bias_ij            over the keys j allowed for i
+//   out_i = sum_j softmax_j(s_ij) v_j,   lse_i = log sum_j exp(s_ij)
+// computed tile by tile with the online softmax, never forming the len_q x len_kv matrix.
+// Query head h reads key/value head h / (heads_q / heads_kv) (grouped-query attention).
+// A query with no allowed key gets out = 0 and lse = 0 (PyTorch 2.5+ semantics).
+#pragma once
+
+#include <cstdint>
+
+#include "common/cpu_isa.h"
+#include "common/dtype.h"
+#include "common/exec.h"
+
+namespace gk {
+
+struct AttentionParams {
+  const void* q;  // (batch, heads_q, len_q, dim_qk)
+  const void* k;  // (batch, heads_kv, len_kv, dim_qk)
+  const void* v;  // (batch, heads_kv, len_kv, dim_v)
+  void* out;      // (batch, heads_q, len_q, dim_v), contiguous, dtype
+  float* lse;     // (batch, heads_q, len_q), contiguous; null when not wanted
+  int64_t batch, heads_q, heads_kv, len_q, len_kv, dim_qk, dim_v;
+  // Element strides of the batch, head and position dimensions; the feature dimension is contiguous.
+  int64_t q_stride[3], k_stride[3], v_stride[3];
+
+  // Optional mask, broadcast to (batch, heads_q, len_q, len_kv) through its element strides (0
+  // on broadcast dimensions): bool (true = attend) or an additive float32 / query-dtype bias.
+  const void* mask;
+  DType mask_dtype;
+  int64_t mask_stride[4];
+
+  // Optional number of valid keys per batch element (the key/value cache case): keys at
+  // positions >= kv_lens[b] are absent. Null means len_kv for every b.
+  const int32_t* kv_lens;
+
+  double scale;
+  // Band of allowed keys: key j is allowed for query i when
+  //   -window_left <= j - (i + diagonal) <= window_right,
+  // a negative bound meaning unbounded on that side. The diagonal is 0 (causal aligned
+  // top-left, PyTorch's is_causal) or kv_len(b) - len_q (bottom-right, flash-attention's).
+  // is_causal is window_right = 0 with window_left < 0.
+  int64_t window_left, window_right;
+  bool bottom_right;
+
+  DType dtype;  // of q, k, v and out
+
+  void check() const;
+};
+
+GK_DECLARE_PER_ISA(void attention_forward(const AttentionParams&, const CpuExec&))
+void attention_forward(const AttentionParams&, const CpuExec&);
+void attention_forward(const AttentionParams&, const CudaExec&);
+
+inline void AttentionParams::check() const {
+  require(batch >= 0 && heads_q >= 0 && heads_kv >= 0 && len_q >= 0 && len_kv >= 0 && dim_qk >= 0 && dim_v >= 0,
+          "attention: negative size");
+  require(heads_kv > 0 ? heads_q % heads_kv == 0 : heads_q == 0, "attention: heads_q must be a multiple of heads_kv");
+  const bool empty_out = batch * heads_q * len_q * dim_v == 0;
+  require(empty_out || out != nullptr, "attention: null output");
+  require(len_kv == 0 || batch * heads_kv == 0 || (k != nullptr && v != nullptr), "attention: null key or value");
+  require(batch * heads_q * len_q == 0 || q != nullptr, "attention: null query");
+  require(mask == nullptr || mask_dtype == DType::b8 || mask_dtype == DType::f32 || mask_dtype == dtype,
+          "attention: mask must be bool, float32 or the query dtype");
+  for (int d = 0; d < 3; ++d)
+    require(q_stride[d] >= 0 && k_stride[d] >= 0 && v_stride[d] >= 0, "attention: negative stride");
+  for (int d = 0; d < 4; ++d) require(mask == nullptr || mask_stride[d] >= 0, "attention: negative mask stride");
+}
+
+}  // namespace gk

@@ -1,0 +1,280 @@
+"""Scaled dot-product attention (FlashAttention; Dao et al. 2022, 2023) as a drop-in for
+``torch.nn.functional.scaled_dot_product_attention``, with its log-sum-exp, the merging of
+results computed over key/value shards, and key/value-cache decoding.
+
+The kernels compute ``softmax(scale * q k^T + bias) v`` tile by tile with the online softmax and
+never form the ``L x S`` score matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from ._backend import DTYPE_CODES, float_dtypes, launch_for
+
+ALIGNMENTS = ("top_left", "bottom_right")
+_BOOL_CODE = 6
+
+
+@torch.library.custom_op("genkernels::attention_forward", mutates_args=())
+def _attention_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor],
+    kv_lens: Optional[Tensor],
+    scale: float,
+    window_left: int,
+    window_right: int,
+    bottom_right: bool,
+) -> tuple[Tensor, Tensor]:
+    """q (B, Hq, L, E), k (B, H, S, E), v (B, H, S, Ev), mask broadcast to (B, Hq, L, S) by
+    strides, kv_lens (B,) int32: returns out (B, Hq, L, Ev) and lse (B, Hq, L) float32."""
+    if q.shape[-1] == 0 or v.shape[-1] == 0:  # empty feature dimensions: nothing for a kernel to read
+        return _attention_without_features(q, k, v, mask, kv_lens, scale, window_left, window_right, bottom_right)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    batch, heads_q, len_q, dim_qk = q.shape
+    heads_kv, len_kv, dim_v = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty((batch, heads_q, len_q, dim_v), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=q.device)
+    if mask is not None and mask.dtype == torch.bool:
+        mask_code = _BOOL_CODE
+    else:
+        mask_code = DTYPE_CODES[mask.dtype] if mask is not None else DTYPE_CODES[q.dtype]
+    run = launch_for(q)
+    run.module.attention_forward(
+        run.where, run.stream, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        [batch, heads_q, heads_kv, len_q, len_kv, dim_qk, dim_v], list(q.stride()[:3]), list(k.stride()[:3]),
+        list(v.stride()[:3]), mask.data_ptr() if mask is not None else 0, mask_code,
+        list(mask.stride()) if mask is not None else [0, 0, 0, 0], kv_lens.data_ptr() if kv_lens is not None else 0,
+        scale, window_left, window_right, bottom_right, DTYPE_CODES[q.dtype],
+    )
+    return out, lse
+
+
+def _attention_without_features(q, k, v, mask, kv_lens, scale, window_left, window_right, bottom_right):
+    """The reference definition, for the degenerate sizes E = 0 or Ev = 0."""
+    from .reference import scaled_dot_product_attention as attention
+
+    heads_q, heads_kv = q.shape[1], k.shape[1]
+    out, lse = attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, scale=scale, enable_gqa=heads_q != heads_kv,
+        causal_alignment="bottom_right" if bottom_right else "top_left", window=(window_left, window_right), kv_lens=kv_lens,
+    )
+    return out.to(q.dtype).contiguous(), lse.float().contiguous()
+
+
+@_attention_forward.register_fake
+def _(q, k, v, mask, kv_lens, scale, window_left, window_right, bottom_right):
+    batch, heads_q, len_q, _ = q.shape
+    out = q.new_empty((batch, heads_q, len_q, v.shape[3]))
+    return out, q.new_empty((batch, heads_q, len_q), dtype=torch.float32)
+
+
+def _window(fn: str, window: object) -> tuple[int, int]:
+    """(left, right) with -1 (or None) for an unbounded side."""
+    if window is None:
+        return -1, -1
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"{fn}(): argument 'window' must be a (left, right) pair of ints or None, got {window!r}")
+    bounds = []
+    for name, side in zip(("window[0]", "window[1]"), window):
+        bounds.append(-1 if side is None else _checks.integer(fn, name, side, minimum=-1))
+    return bounds[0], bounds[1]
+
+
+def _merge_leading(t: Tensor, keep: int) -> Tensor:
+    """Views t (*lead, rest...) as (prod(lead), rest...) with `keep` trailing dims; a view
+    when the strides allow (broadcast masks stay broadcast), a copy otherwise."""
+    lead = t.shape[: t.dim() - keep]
+    batch = math.prod(lead)
+    try:
+        return t.view((batch,) + tuple(t.shape[t.dim() - keep:]))
+    except RuntimeError:
+        return t.reshape((batch,) + tuple(t.shape[t.dim() - keep:]))
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    *,
+    causal_alignment: str = "top_left",
+    window: Optional[Sequence[Optional[int]]] = None,
+    return_lse: bool = False,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Attention with the semantics of ``torch.nn.functional.scaled_dot_product_attention``.
+
+    ``query`` is ``(N, ..., Hq, L, E)``, ``key`` ``(N, ..., H, S, E)``, ``value``
+    ``(N, ..., H, S, Ev)``; the result is ``(N, ..., Hq, L, Ev)`` in the query's dtype. A boolean
+    ``attn_mask`` marks the keys to attend (True); a float mask (float32 or the query's dtype) is
+    added to the scores; masks broadcast to ``(N, ..., Hq, L, S)``. ``is_causal`` masks keys
+    after the query's position, aligned top-left (PyTorch) or, with
+    ``causal_alignment="bottom_right"``, bottom-right (flash-attention: the last query sees
+    every key). ``scale`` defaults to ``1/sqrt(E)``. With ``enable_gqa``, query head ``j`` uses
+    key/value head ``j // (Hq // H)``. A query with no key to attend gets zeros.
+
+    Extensions: ``window=(left, right)`` keeps only keys within ``left`` positions before and
+    ``right`` after the query's diagonal (``-1`` or ``None``: unbounded), combining with
+    ``is_causal``; ``return_lse=True`` also returns the float32 log-sum-exp of each query's
+    scores, shape ``(N, ..., Hq, L)``, 0 where no key is attended.
+
+    Example:
+        >>> out = genkernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+    """
+    fn = "scaled_dot_product_attention"
+    query = _checks.float_tensor(fn, "query", query, min_dim=2)
+    key = _checks.float_tensor(fn, "key", key, min_dim=2)
+    value = _checks.float_tensor(fn, "value", value, min_dim=2)
+    tensors = {"query": query, "key": key, "value": value}
+    _checks.same_device(fn, tensors)
+    _checks.same_dtype(fn, tensors)
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"{fn}(): dropout_p > 0 is not supported by the forward-only kernels yet, got {dropout_p}")
+    if is_causal and attn_mask is not None:
+        raise ValueError(f"{fn}(): pass either 'attn_mask' or 'is_causal', not both")
+    alignment = _checks.choice(fn, "causal_alignment", causal_alignment, ALIGNMENTS)
+    window_left, window_right = _window(fn, window)
+    if is_causal:
+        window_right = 0 if window_right < 0 else min(window_right, 0)
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"{fn}(): 'key' must have the query's feature size {query.shape[-1]}, got shape {tuple(key.shape)}")
+    if key.shape[:-1] != value.shape[:-1]:
+        raise ValueError(f"{fn}(): 'value' must match 'key' in all but the last dimension, got {tuple(value.shape)} and {tuple(key.shape)}")
+    if key.dim() != query.dim():
+        raise ValueError(f"{fn}(): 'key' must have as many dimensions as 'query' ({query.dim()}), got {key.dim()}")
+    heads_q = query.shape[-3] if query.dim() >= 3 else 1
+    heads_kv = key.shape[-3] if key.dim() >= 3 else 1
+    if heads_q != heads_kv:
+        if not enable_gqa:
+            raise ValueError(f"{fn}(): query has {heads_q} heads and key {heads_kv}: pass enable_gqa=True for grouped-query attention")
+        if heads_kv == 0 or heads_q % heads_kv:
+            raise ValueError(f"{fn}(): the query's heads ({heads_q}) must be a multiple of the key's ({heads_kv})")
+    lead = query.shape[:-3] if query.dim() >= 3 else torch.Size()
+    try:
+        lead = torch.broadcast_shapes(lead, key.shape[:-3] if key.dim() >= 3 else torch.Size())
+    except RuntimeError:
+        raise ValueError(f"{fn}(): batch dimensions of 'query' {tuple(query.shape)} and 'key' {tuple(key.shape)} do not broadcast") from None
+    len_q, len_kv = query.shape[-2], key.shape[-2]
+    scale = 1.0 / math.sqrt(query.shape[-1] or 1) if scale is None else _checks.real(fn, "scale", scale)
+
+    def as_4d(t: Tensor, heads: int) -> Tensor:
+        t = t.expand(lead + (heads,) + tuple(t.shape[-2:])) if t.dim() >= 3 else t.expand(lead + (1,) + tuple(t.shape))
+        return _merge_leading(t, 3)
+
+    q, k, v = as_4d(query, heads_q), as_4d(key, heads_kv), as_4d(value, heads_kv)
+    mask = None
+    if attn_mask is not None:
+        attn_mask = _checks.tensor(fn, "attn_mask", attn_mask)
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            raise TypeError(f"{fn}(): argument 'attn_mask' must be bool, float32 or the query's dtype {query.dtype}, got {attn_mask.dtype}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"{fn}(): argument 'attn_mask' must be on {query.device}, got {attn_mask.device}")
+        full = lead + (heads_q, len_q, len_kv)
+        try:
+            mask = _merge_leading(attn_mask.expand(full), 3)
+        except RuntimeError:
+            raise ValueError(f"{fn}(): 'attn_mask' of shape {tuple(attn_mask.shape)} does not broadcast to {tuple(full)}") from None
+    out, lse = _attention_forward(q, k, v, mask, None, scale, window_left, window_right, alignment == "bottom_right")
+    out = out.reshape(lead + query.shape[len(lead):-1] + (value.shape[-1],))
+    if return_lse:
+        return out, lse.reshape(lead + query.shape[len(lead):-1])
+    return out
+
+
+def merge_attention(outputs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Combines attention computed over disjoint key/value shards into the result over all keys.
+
+    ``outputs[i]`` ``(..., L, Ev)`` and ``lses[i]`` ``(..., L)`` are the output and log-sum-exp of
+    shard ``i`` (from ``scaled_dot_product_attention(..., return_lse=True)``): the merged
+    log-sum-exp is ``log sum_i exp(lse_i)`` and the output ``sum_i exp(lse_i - lse) out_i``. A
+    shard row in which no key was attended (output 0 and lse 0) contributes nothing. This is the
+    combine step of split-KV decoding and of ring attention across devices.
+    """
+    fn = "merge_attention"
+    if len(outputs) == 0 or len(outputs) != len(lses):
+        raise ValueError(f"{fn}(): 'outputs' and 'lses' must be non-empty and of equal length, got {len(outputs)} and {len(lses)}")
+    outs = torch.stack([_checks.float_tensor(fn, "outputs", o) for o in outputs]).float()
+    lse = torch.stack([_checks.tensor(fn, "lses", l) for l in lses]).float()
+    if outs.shape[:-1] != lse.shape:
+        raise ValueError(f"{fn}(): each output must be (..., L, Ev) with lse (..., L), got {tuple(outputs[0].shape)} and {tuple(lses[0].shape)}")
+    empty = (lse == 0) & (outs == 0).all(dim=-1)
+    lse = lse.masked_fill(empty, float("-inf"))
+    total = torch.logsumexp(lse, dim=0)
+    safe_total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+    weights = torch.exp(lse - safe_total).nan_to_num(0.0)
+    merged = (weights.unsqueeze(-1) * outs).sum(dim=0)
+    return merged.to(outputs[0].dtype), torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+
+
+def attention_with_kvcache(
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    cache_seqlens: Tensor,
+    *,
+    key: Optional[Tensor] = None,
+    value: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    causal: bool = True,
+) -> Tensor:
+    """One generation step over a key/value cache.
+
+    ``key_cache`` and ``value_cache`` are ``(B, H, S_max, E)`` and ``(B, H, S_max, Ev)``;
+    ``cache_seqlens`` ``(B,)`` says how many positions of each sequence are cached (ragged
+    batches work). ``key``/``value`` ``(B, H, L_new, E)`` are written into the caches in place at
+    those positions, then ``query`` ``(B, Hq, L_new, E)`` attends to its sequence's
+    ``cache_seqlens[b] + L_new`` valid keys, causal among the new tokens (bottom-right aligned).
+    Query heads may be a multiple of the cache's (grouped-query attention).
+    """
+    fn = "attention_with_kvcache"
+    query = _checks.float_tensor(fn, "query", query, min_dim=4)
+    key_cache = _checks.float_tensor(fn, "key_cache", key_cache, min_dim=4)
+    value_cache = _checks.float_tensor(fn, "value_cache", value_cache, min_dim=4)
+    cache_seqlens = _checks.tensor(fn, "cache_seqlens", cache_seqlens)
+    tensors = {"query": query, "key_cache": key_cache, "value_cache": value_cache}
+    _checks.same_device(fn, {**tensors, "cache_seqlens": cache_seqlens})
+    _checks.same_dtype(fn, tensors)
+    if query.dim() != 4 or key_cache.dim() != 4 or value_cache.dim() != 4:
+        raise ValueError(f"{fn}(): query and caches must be 4-d (B, H, L, E), got {query.dim()}, {key_cache.dim()}, {value_cache.dim()}")
+    batch, heads_q, len_new, dim = query.shape
+    _, heads_kv, capacity, _ = key_cache.shape
+    if cache_seqlens.dtype not in (torch.int32, torch.int64) or cache_seqlens.shape != (batch,):
+        raise ValueError(f"{fn}(): 'cache_seqlens' must be an int32 or int64 tensor of shape ({batch},), got {cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+    if key_cache.shape[:3] != value_cache.shape[:3] or key_cache.shape[0] != batch or key_cache.shape[3] != dim:
+        raise ValueError(f"{fn}(): caches must be (B, H, S_max, E) matching the query, got {tuple(key_cache.shape)} and {tuple(value_cache.shape)}")
+    if heads_kv == 0 or heads_q % heads_kv:
+        raise ValueError(f"{fn}(): the query's heads ({heads_q}) must be a multiple of the cache's ({heads_kv})")
+    if (key is None) != (value is None):
+        raise ValueError(f"{fn}(): pass both 'key' and 'value' or neither")
+    appended = 0
+    if key is not None:
+        key = _checks.float_tensor(fn, "key", key, min_dim=4)
+        value = _checks.float_tensor(fn, "value", value, min_dim=4)
+        if key.shape != (batch, heads_kv, key.shape[2], dim) or value.shape[:3] != key.shape[:3] or value.shape[3] != value_cache.shape[3]:
+            raise ValueError(f"{fn}(): 'key' and 'value' must be (B, H, L_new, E) matching the caches, got {tuple(key.shape)} and {tuple(value.shape)}")
+        appended = key.shape[2]
+    if cache_seqlens.device.type == "cpu" and batch:
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 0 or hi + appended > capacity:
+            raise ValueError(f"{fn}(): cache_seqlens + new tokens must lie in [0, {capacity}], got lengths from {lo} to {hi} with {appended} new")
+    lengths = cache_seqlens.to(torch.int64)
+    if appended:
+        positions = lengths[:, None] + torch.arange(appended, device=lengths.device)  # (B, L_new)
+        rows = torch.arange(batch, device=lengths.device)[:, None]
+        key_cache[rows, :, positions] = key.transpose(1, 2).to(key_cache.dtype)  # (B, L_new, H, E)
+        value_cache[rows, :, positions] = value.transpose(1, 2).to(value_cache.dtype)
+    kv_lens = (lengths + appended).to(torch.int32)
+    scale = 1.0 / math.sqrt(dim) if scale is None else _checks.real(fn, "scale", scale)
+    out, _ = _attention_forward(query, key_cache, value_cache, None, kv_lens, scale, -1, 0 if causal else -1, True)
+    return out

@@ -1,0 +1,262 @@
+"""The CPU attention kernel through the raw binding, against PyTorch's math backend in float64.
+
+Covers both paths of the kernel (prefill tiles and the decode path for len_q <= 4, with its
+split over keys), every masking feature (bool and float masks of broadcast shapes, causal
+bands aligned top-left and bottom-right, windows, per-batch key counts, fully masked rows),
+grouped-query heads, strided inputs, the three dtypes and the three instruction-set builds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from genkernels import _C
+from genkernels._backend import DTYPE_CODES
+
+BOOL_CODE = 6
+
+
+def kernel(q, k, v, mask=None, kv_lens=None, scale=None, window=(-1, -1), bottom_right=False, threads=None):
+    """Runs _C.attention_forward on q (B, Hq, L, E), k (B, H, S, E), v (B, H, S, Ev), possibly
+    strided; mask broadcastable to (B, Hq, L, S). Returns out and lse."""
+    batch, heads_q, len_q, dim = q.shape
+    heads_kv, len_kv, dim_v = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty(batch, heads_q, len_q, dim_v, dtype=q.dtype)
+    lse = torch.empty(batch, heads_q, len_q, dtype=torch.float32)
+    mask_ptr, mask_code, mask_strides = 0, DTYPE_CODES[q.dtype], [0, 0, 0, 0]
+    if mask is not None:
+        mask = mask.expand(batch, heads_q, len_q, len_kv)
+        mask_ptr, mask_strides = mask.data_ptr(), list(mask.stride())
+        mask_code = BOOL_CODE if mask.dtype == torch.bool else DTYPE_CODES[mask.dtype]
+    _C.attention_forward(
+        threads or torch.get_num_threads(), 0, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+        lse.data_ptr(), [batch, heads_q, heads_kv, len_q, len_kv, dim, dim_v], list(q.stride()[:3]),
+        list(k.stride()[:3]), list(v.stride()[:3]), mask_ptr, mask_code, mask_strides,
+        kv_lens.data_ptr() if kv_lens is not None else 0, dim**-0.5 if scale is None else scale,
+        window[0], window[1], bottom_right, DTYPE_CODES[q.dtype])
+    return out, lse
+
+
+def reference(q, k, v, mask=None, kv_lens=None, scale=None, window=(-1, -1), bottom_right=False):
+    """float64 out and lse from torch's math backend; the band, the key counts and the mask
+    become one additive mask. Queries with no allowed key give zeros."""
+    q, k, v = q.double(), k.double(), v.double()
+    batch, heads_q, len_q, dim = q.shape
+    heads_kv, len_kv = k.shape[1], k.shape[2]
+    scale = dim**-0.5 if scale is None else scale
+    lens = kv_lens.tolist() if kv_lens is not None else [len_kv] * batch
+    i = torch.arange(len_q)[:, None]
+    j = torch.arange(len_kv)[None, :]
+    allowed = []
+    for n in lens:
+        diagonal = n - len_q if bottom_right else 0
+        ok = j < n
+        if window[0] >= 0:
+            ok = ok & (j >= i + diagonal - window[0])
+        if window[1] >= 0:
+            ok = ok & (j <= i + diagonal + window[1])
+        allowed.append(ok)
+    allowed = torch.stack(allowed or [j < 0])[:batch, None].expand(batch, heads_q, len_q, len_kv)
+    bias = torch.zeros(batch, heads_q, len_q, len_kv, dtype=torch.float64)
+    if mask is not None and mask.dtype == torch.bool:
+        allowed = allowed & mask
+    elif mask is not None:
+        bias = bias + mask.double()
+    bias = bias.masked_fill(~allowed, -math.inf)
+    with sdpa_kernel(SDPBackend.MATH):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=heads_q != heads_kv)
+    group = heads_q // max(heads_kv, 1)
+    scores = scale * q @ k.repeat_interleave(group, 1).transpose(-1, -2) + bias
+    lse = torch.logsumexp(scores, -1)
+    dead = torch.isinf(lse)
+    return out.masked_fill(dead[..., None], 0), lse.masked_fill(dead, 0)
+
+
+def relative_error(x, ref):
+    """max |x - ref| / max |ref| (absolute when ref is all zero)."""
+    if ref.numel() == 0:
+        return 0.0
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1)).item()
+
+
+def check(q, k, v, tol=None, threads=None, **kwargs):
+    out, lse = kernel(q, k, v, threads=threads, **kwargs)
+    ref_out, ref_lse = reference(q, k, v, **kwargs)
+    tol = tol or {torch.float32: 1e-5, torch.float64: 1e-12}[q.dtype]
+    assert relative_error(out, ref_out) <= tol
+    assert relative_error(lse, ref_lse) <= max(tol, 2e-7)  # lse is float32
+    return out, lse
+
+
+def qkv(batch, heads_q, heads_kv, len_q, len_kv, dim, dim_v=None, dtype=torch.float32):
+    dim_v = dim if dim_v is None else dim_v
+    return (torch.randn(batch, heads_q, len_q, dim, dtype=dtype), torch.randn(batch, heads_kv, len_kv, dim, dtype=dtype),
+            torch.randn(batch, heads_kv, len_kv, dim_v, dtype=dtype))
+
+
+LENGTHS = [1, 3, 17, 64, 65, 130, 300]
+
+
+@pytest.mark.parametrize("len_q", LENGTHS)
+@pytest.mark.parametrize("len_kv", LENGTHS)
+def test_lengths(len_q, len_kv):
+    check(*qkv(2, 2, 2, len_q, len_kv, 40))
+
+
+@pytest.mark.parametrize("dim, dim_v", [(16, 16), (40, 40), (64, 64), (80, 80), (128, 128), (256, 256), (7, 7),
+                                        (64, 24), (7, 33), (1, 1)])
+@pytest.mark.parametrize("len_q", [2, 70])
+def test_head_dims(dim, dim_v, len_q):
+    check(*qkv(1, 2, 2, len_q, 97, dim, dim_v), scale=0.3)
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 2, 5, 7), (2, 0, 0, 5, 7), (1, 2, 2, 0, 7), (1, 2, 2, 3, 0), (1, 2, 2, 20, 0)])
+def test_empty_sizes(shape):
+    out, lse = check(*qkv(*shape, 16))
+    assert out.shape == (shape[0], shape[1], shape[3], 16)
+
+
+@pytest.mark.parametrize("heads_q, heads_kv", [(4, 2), (6, 1), (8, 8)])
+@pytest.mark.parametrize("len_q", [1, 3, 100])
+def test_grouped_query_heads(heads_q, heads_kv, len_q):
+    check(*qkv(2, heads_q, heads_kv, len_q, 150, 32))
+
+
+@pytest.mark.parametrize("mask_shape", ["LS", "11LS", "B11S", "BHLS"])
+@pytest.mark.parametrize("kind", ["bool", "float32", "query"])
+@pytest.mark.parametrize("len_q", [4, 77])
+def test_masks(mask_shape, kind, len_q):
+    batch, heads, len_kv = 2, 3, 140
+    shape = {"LS": (len_q, len_kv), "11LS": (1, 1, len_q, len_kv), "B11S": (batch, 1, 1, len_kv),
+             "BHLS": (batch, heads, len_q, len_kv)}[mask_shape]
+    dtype = torch.float64 if kind == "query" else torch.float32
+    if kind == "bool":
+        mask = torch.rand(shape) < 0.7
+    else:
+        mask = torch.randn(shape, dtype=torch.float32 if kind == "float32" else dtype)
+        mask = mask.masked_fill(torch.rand(shape) < 0.2, -math.inf)
+    check(*qkv(batch, heads, heads, len_q, len_kv, 24, dtype=dtype), mask=mask)
+
+
+@pytest.mark.parametrize("len_q, len_kv", [(100, 300), (300, 100), (130, 130), (3, 200), (7, 5)])
+@pytest.mark.parametrize("bottom_right", [False, True])
+@pytest.mark.parametrize("window", [(-1, 0), (3, 2), (0, -1), (70, 0), (-1, 5), (0, 0)])
+def test_bands(len_q, len_kv, bottom_right, window):
+    check(*qkv(2, 2, 1, len_q, len_kv, 32), window=window, bottom_right=bottom_right)
+
+
+@pytest.mark.parametrize("len_q", [1, 4, 90])
+@pytest.mark.parametrize("bottom_right", [False, True])
+def test_kv_lens(len_q, bottom_right):
+    kv_lens = torch.tensor([0, 1, 77, 200, 130], dtype=torch.int32)
+    check(*qkv(5, 4, 2, len_q, 200, 48), kv_lens=kv_lens, window=(-1, 0), bottom_right=bottom_right)
+    check(*qkv(5, 4, 2, len_q, 200, 48), kv_lens=kv_lens, mask=torch.rand(5, 1, 1, 200) < 0.5)
+
+
+@pytest.mark.parametrize("len_q", [3, 80])
+def test_fully_masked_rows_give_zeros(len_q):
+    q, k, v = qkv(2, 2, 2, len_q, 100, 16)
+    mask = torch.rand(2, 2, len_q, 100) < 0.5
+    mask[0, 1, 1] = False
+    mask[1, :, -1] = False
+    out, lse = check(q, k, v, mask=mask)
+    assert torch.all(out[0, 1, 1] == 0) and lse[0, 1, 1] == 0
+    assert torch.all(out[1, :, -1] == 0) and torch.all(lse[1, :, -1] == 0)
+    bias = torch.zeros(2, 2, len_q, 100).masked_fill(~mask, -math.inf)
+    assert torch.equal(kernel(q, k, v, mask=bias)[0], out)
+
+
+@pytest.mark.parametrize("len_q", [2, 70])
+def test_strided_inputs(len_q):
+    # (B, L, H, E) tensors seen as (B, H, L, E), and a value tensor sliced out of a wider one.
+    q = torch.randn(2, len_q, 4, 40).transpose(1, 2)
+    k = torch.randn(2, 150, 2, 40).transpose(1, 2)
+    v = torch.randn(2, 2, 150, 50)[..., 3:43]
+    check(q, k, v)
+
+
+@pytest.mark.parametrize("len_q", [1, 5, 99])
+def test_float64(len_q):
+    q, k, v = qkv(2, 4, 2, len_q, 170, 36, 20, dtype=torch.float64)
+    check(q, k, v, mask=torch.randn(len_q, 170, dtype=torch.float64), window=(50, 0), bottom_right=True)
+
+
+@pytest.mark.parametrize("len_q", [1, 6, 130])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "bfloat16"])
+def test_bfloat16_within_twice_torch_error(len_q, mask_kind):
+    q, k, v = qkv(2, 4, 4, len_q, 300, 64, dtype=torch.bfloat16)
+    keep = torch.rand(len_q, 300) < 0.8
+    bias = (torch.randn(len_q, 300) * keep).bfloat16().masked_fill(~keep, -math.inf)
+    mask = {None: None, "bool": keep, "bfloat16": bias}[mask_kind]
+    out, lse = kernel(q, k, v, mask=mask)
+    ref_out, ref_lse = reference(q, k, v, mask=mask)
+    torch_out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out, ref_out) <= 2 * relative_error(torch_out, ref_out)
+    assert relative_error(lse, ref_lse) <= 1e-5  # float32 from bfloat16 inputs: no rounding of its own
+    # The bfloat16 kernel is the float32 one on the widened inputs, rounded once to nearest even.
+    mask32 = bias.float() if mask_kind == "bfloat16" else mask
+    out32, lse32 = kernel(q.float(), k.float(), v.float(), mask=mask32)
+    assert torch.equal(out, out32.bfloat16())
+    assert torch.equal(lse, lse32)
+
+
+@pytest.mark.parametrize("len_q", [1, 2, 4])
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_decode_long_keys(len_q, threads):
+    # Few heads and many keys: the decode path splits the keys across tasks and merges them.
+    q, k, v = qkv(1, 4, 2, len_q, 5000, 64)
+    kv_lens = torch.tensor([3333], dtype=torch.int32)
+    out, lse = kernel(q, k, v, kv_lens=kv_lens, threads=threads)
+    ref_out, ref_lse = reference(q, k, v, kv_lens=kv_lens)
+    assert relative_error(out, ref_out) <= 1e-5 and relative_error(lse, ref_lse) <= 1e-6
+    check(q, k, v, window=(1000, 0), bottom_right=True, threads=threads)
+
+
+def test_results_do_not_depend_on_thread_count():
+    q, k, v = qkv(2, 3, 3, 200, 300, 64)
+    out1, lse1 = kernel(q, k, v, window=(-1, 0), threads=1)
+    out2, lse2 = kernel(q, k, v, window=(-1, 0), threads=3)
+    assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
+
+
+@pytest.mark.parametrize("len_q", [3, 40])
+def test_large_scores_do_not_overflow(len_q):
+    # Scores in the thousands: exp overflows unless the running maximum is subtracted first.
+    # Rounding such scores to float32 perturbs the weights by about max|score| ulps.
+    q, k, v = qkv(1, 2, 2, len_q, 90, 32)
+    q, k, mask = q * 30, k * 30, torch.randn(len_q, 90) * 1000
+    out, lse = kernel(q, k, v, mask=mask)
+    ref_out, ref_lse = reference(q, k, v, mask=mask)
+    max_score = (q.double() @ k.double().transpose(-1, -2) / 32**0.5 + mask).abs().max().item()
+    assert torch.all(torch.isfinite(out))
+    assert relative_error(out, ref_out) <= 16 * 2.0**-24 * max_score
+    assert relative_error(lse, ref_lse) <= 1e-6
+
+
+def test_every_instruction_set():
+    """The baseline, AVX2 and AVX-512 builds each pass a prefill and a decode case."""
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import test_attention_cpu_kernel as t; "
+        "from genkernels import _C; print(_C.cpu_isa()); "
+        "torch.manual_seed(0); "
+        "t.check(*t.qkv(2, 4, 2, 70, 133, 40, 24), mask=torch.rand(70, 133) < 0.8, window=(-1, 0), bottom_right=True); "
+        "t.check(*t.qkv(1, 4, 2, 3, 1500, 72), kv_lens=torch.tensor([1200], dtype=torch.int32)); "
+        "t.check(*t.qkv(1, 2, 2, 65, 80, 19, dtype=torch.float64))"
+    )
+    seen = set()
+    for isa in ("baseline", "avx2", "avx512"):
+        env = dict(os.environ, GENKERNELS_CPU_ISA=isa)
+        run = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], env=env, capture_output=True,
+                             text=True)
+        assert run.returncode == 0, run.stderr
+        seen.add(run.stdout.split()[0])
+    assert "baseline" in seen
