@@ -112,13 +112,14 @@ def compile_file(nvcc: str, source: Path) -> Compiled:
 
 
 def demangle(kernels: list[Kernel], cxxfilt: str) -> None:
-    """Sets each kernel's readable name: no parameters, and `(anonymous)` for the anonymous
-    namespace, whose mangled name carries a hash of the file."""
+    """Sets each kernel's readable name: no parameters, `(anonymous)` for the anonymous
+    namespace (whose mangled name carries a hash of the file), and no spaces, so that the
+    report splits into columns on white space."""
     mangled = "".join(k.mangled + "\n" for k in kernels)
     names = subprocess.run([cxxfilt, "-p"], input=mangled, stdout=subprocess.PIPE, text=True, check=True).stdout
     for kernel, name in zip(kernels, names.splitlines()):
         name = name.replace("(anonymous namespace)", "(anonymous)")
-        kernel.name = re.sub(r"_GLOBAL__N__\w+", "(anonymous)", name)
+        kernel.name = re.sub(r"_GLOBAL__N__\w+", "(anonymous)", name).replace(", ", ",")
 
 
 def format_table(kernels: list[Kernel], nvcc_version: str) -> str:

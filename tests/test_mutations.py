@@ -7,8 +7,9 @@ its own extension module, and runs a check against genkernels.reference on it in
 or an emulation fault raised as RuntimeError) in at least one thread order, while the unmutated
 build of the same sources passes it in every order.
 
-Mutations of tensor-core fragment layouts and cp.async pipelines will be added when kernels
-using them exist.
+The attention kernel's mutations plant the bugs of tensor-core code: a wrong mma fragment
+layout, a read of a cp.async-staged tile before waiting for it, and a missing barrier between
+staging a tile and reading it.
 """
 
 from __future__ import annotations
@@ -228,10 +229,40 @@ def check_gaussian_kl_sum() -> None:
     torch.testing.assert_close(partials.sum(), expected, rtol=2e-6, atol=0)
 
 
-CHECKS = [check_sinusoidal, check_normal_and_reparameterize, check_gaussian_kl_sum]
+def check_attention_tensor_cores() -> None:
+    # float16 and bfloat16 with len_q > 4 run the tensor-core kernel: 2 query tiles, 2 key tiles
+    # (double-buffered), grouped-query heads, a bottom-right causal band.
+    batch, heads_q, heads_kv, len_q, len_kv, dim = 1, 2, 1, 70, 100, 64
+    g = torch.Generator().manual_seed(4)
+    allowed = torch.arange(len_kv) <= torch.arange(len_q)[:, None] + (len_kv - len_q)
+    for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)):
+        q = torch.randn(batch, heads_q, len_q, dim, generator=g).to(dtype)
+        k = torch.randn(batch, heads_kv, len_kv, dim, generator=g).to(dtype)
+        v = torch.randn(batch, heads_kv, len_kv, dim, generator=g).to(dtype)
+        buffer, out = guarded(batch * heads_q * len_q * dim, dtype)
+        lse_buffer, lse = guarded(batch * heads_q * len_q)
+        run = _backend.launch_for(q)
+        run.module.attention_forward(
+            run.where, run.stream, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+            [batch, heads_q, heads_kv, len_q, len_kv, dim, dim], list(q.stride()[:3]), list(k.stride()[:3]),
+            list(v.stride()[:3]), 0, _backend.DTYPE_CODES[torch.bool], [0, 0, 0, 0], 0, dim**-0.5, -1, 0, True,
+            _backend.DTYPE_CODES[dtype])
+        assert_inside(buffer)
+        assert_inside(lse_buffer)
+        scores = (q.double() @ k.double().repeat_interleave(heads_q // heads_kv, 1).mT * dim**-0.5)
+        scores = scores.masked_fill(~allowed, -math.inf)
+        expected = torch.softmax(scores, dim=-1) @ v.double().repeat_interleave(heads_q // heads_kv, 1)
+        torch.testing.assert_close(out.view(expected.shape).double(), expected, rtol=0,
+                                   atol=tol * expected.abs().max().item())
+        torch.testing.assert_close(lse.view(scores.shape[:3]).double(), torch.logsumexp(scores, dim=-1), rtol=1e-5,
+                                   atol=1e-5)
+
+
+CHECKS = [check_sinusoidal, check_normal_and_reparameterize, check_gaussian_kl_sum, check_attention_tensor_cores]
 
 POSENC = "csrc/posenc/posenc_cuda.cu"
 SAMPLING = "csrc/sampling/sampling_cuda.cu"
+ATTENTION = "csrc/attention/attention_cuda.cu"
 MUTATIONS = [
     Mutation("sinusoidal_column_off_by_one", POSENC, "row[spec.stride() * i + spec.sin_offset()]",
              "row[spec.stride() * i + spec.sin_offset() + 1]", check_sinusoidal, AssertionError),
@@ -246,6 +277,15 @@ MUTATIONS = [
              r"__shfl_down_sync.*mask"),
     Mutation("kl_shuffle_skips_offset_16", SAMPLING, "int lane_offset = 16;", "int lane_offset = 8;",
              check_gaussian_kl_sum, AssertionError),
+    Mutation("attention_p_fragment_registers_swapped", ATTENTION,
+             "a[1] = pack<T>(s[2 * kk][2], s[2 * kk][3]);\n      a[2] = pack<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);",
+             "a[2] = pack<T>(s[2 * kk][2], s[2 * kk][3]);\n      a[1] = pack<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);",
+             check_attention_tensor_cores, AssertionError),
+    Mutation("attention_reads_tile_before_cp_async_wait", ATTENTION,
+             "    cp_async_wait<1>();  // this thread's copies of `tile` have landed...\n", "",
+             check_attention_tensor_cores, AssertionError),
+    Mutation("attention_tile_without_barrier", ATTENTION, "    __syncthreads();     // ...and every thread's\n", "",
+             check_attention_tensor_cores, AssertionError),
 ]
 
 

@@ -5,6 +5,7 @@
 
 #include <driver_types.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <utility>
 
@@ -27,6 +28,7 @@ inline const char* cudaGetErrorString(cudaError_t error) {
     case cudaSuccess: return "no error";
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorMemoryAllocation: return "out of memory";
     default: return "unrecognized error code";
   }
 }
@@ -47,6 +49,17 @@ inline cudaError_t cudaSetDevice(int device) {
 
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+
+// Stream-ordered allocation: host memory, as emulated streams have already finished their work.
+inline cudaError_t cudaMallocAsync(void** ptr, size_t size, cudaStream_t = nullptr) {
+  if (ptr == nullptr) return gk_emu::detail::record(cudaErrorInvalidValue);
+  *ptr = size == 0 ? nullptr : std::malloc(size);
+  return size == 0 || *ptr != nullptr ? cudaSuccess : gk_emu::detail::record(cudaErrorMemoryAllocation);
+}
+inline cudaError_t cudaFreeAsync(void* ptr, cudaStream_t = nullptr) {
+  std::free(ptr);
+  return cudaSuccess;
+}
 
 inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind, cudaStream_t = nullptr) {
   std::memmove(dst, src, count);
