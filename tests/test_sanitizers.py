@@ -65,7 +65,7 @@ def test_emulated_kernels_are_clean_under_sanitizers(sanitized_package):
     assert check.stdout.startswith(str(sanitized_package))
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "emulated",
-         str(ROOT / "tests" / "test_positional.py"), str(ROOT / "tests" / "test_sampling.py")],
+         *(str(ROOT / "tests" / name) for name in ("test_positional.py", "test_sampling.py", "test_attention.py"))],
         env=env, capture_output=True, text=True, cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

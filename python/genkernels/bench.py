@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .attention import scaled_dot_product_attention
 from .positional import add_positional_encoding, sinusoidal_encoding
 from .sampling import gaussian_kl, randn_like, reparameterize
 
@@ -142,6 +143,29 @@ def _sequences(device: torch.device, b: int, l: int, d: int) -> tuple[Tensor]:
     return (torch.randn(b, l, d, generator=_generator(device), device=device),)
 
 
+def _qkv(device: torch.device, b: int, h: int, l: int, s: int, e: int) -> tuple[Tensor, Tensor, Tensor]:
+    g = _generator(device)
+    return tuple(torch.randn(b, h, n, e, generator=g, device=device) for n in (l, s, s))
+
+
+def _attention_case(name: str, causal: bool, full: Sizes, quick: Sizes, target: Target) -> Case:
+    """Attention of (b, h, l, e) queries over (b, h, s, e) keys and values, beside PyTorch's
+    scaled_dot_product_attention. Flops: 2 matrix products of 2 l s e each (half when causal)."""
+    return Case(
+        name=name,
+        shape="B{b} H{h} L{l} S{s} E{e}",
+        inputs=_qkv,
+        genkernels=lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=causal),
+        reference=lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal),
+        bytes_moved=lambda b, h, l, s, e: F32 * b * h * (2 * l * e + 2 * s * e),
+        flops=lambda b, h, l, s, e: 4.0 * b * h * l * s * e * (0.5 if causal else 1.0),
+        full=full,
+        quick=quick,
+        tiny=dict(b=1, h=1, l=4, s=4, e=4),
+        target=target,
+    )
+
+
 CASES: list[Case] = [
     Case(
         name="reparameterize",
@@ -215,6 +239,10 @@ CASES: list[Case] = [
         quick=dict(n=256, dim=320),
         tiny=dict(n=1, dim=16),
     ),
+    _attention_case("attention", False, dict(b=4, h=12, l=1024, s=1024, e=64), dict(b=1, h=2, l=128, s=128, e=64), Target(speedup=1.0)),
+    _attention_case("attention_causal", True, dict(b=4, h=12, l=1024, s=1024, e=64), dict(b=1, h=2, l=128, s=128, e=64), Target(speedup=1.8)),
+    _attention_case("attention_causal_long", True, dict(b=1, h=16, l=4096, s=4096, e=64), dict(b=1, h=2, l=256, s=256, e=64), Target(speedup=1.8)),
+    _attention_case("attention_decode", False, dict(b=8, h=12, l=1, s=2048, e=64), dict(b=2, h=2, l=1, s=256, e=64), Target(speedup=3.0, bandwidth=0.6)),
 ]
 """The op benchmarks, in the order they are run and printed."""
 
