@@ -161,14 +161,17 @@ def scaled_dot_product_attention(
         if heads_kv == 0 or heads_q % heads_kv:
             raise ValueError(f"{fn}(): the query's heads ({heads_q}) must be a multiple of the key's ({heads_kv})")
     lead = query.shape[:-3] if query.dim() >= 3 else torch.Size()
+    key_lead = key.shape[:-3] if key.dim() >= 3 else torch.Size()
     try:
-        lead = torch.broadcast_shapes(lead, key.shape[:-3] if key.dim() >= 3 else torch.Size())
+        lead = lead if lead == key_lead else torch.broadcast_shapes(lead, key_lead)
     except RuntimeError:
         raise ValueError(f"{fn}(): batch dimensions of 'query' {tuple(query.shape)} and 'key' {tuple(key.shape)} do not broadcast") from None
     len_q, len_kv = query.shape[-2], key.shape[-2]
     scale = 1.0 / math.sqrt(query.shape[-1] or 1) if scale is None else _checks.real(fn, "scale", scale)
 
     def as_4d(t: Tensor, heads: int) -> Tensor:
+        if t.dim() == 4 and t.shape[0] == lead[0]:  # already (B, H, L, E): the common case
+            return t
         t = t.expand(lead + (heads,) + tuple(t.shape[-2:])) if t.dim() >= 3 else t.expand(lead + (1,) + tuple(t.shape))
         return _merge_leading(t, 3)
 
