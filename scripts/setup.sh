@@ -4,6 +4,7 @@
 #   GENKERNELS_TORCH      torch requirement (default torch==2.13.0; use your CUDA build's version)
 #   GENKERNELS_CUDA       AUTO (default: build the CUDA module when nvcc is found), ON or OFF
 #   GENKERNELS_EMULATION  ON to also build the CUDA kernels for CPU emulation (the tests do)
+#   GK_EXTRA_PACKAGES     further packages to install (the tests' requirements)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -12,5 +13,6 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q "${GENKERNELS_TORCH:-torch==2.13.0}" numpy scikit-build-core pybind11 ninja "$@"
+# shellcheck disable=SC2086
+python -m pip install -q "${GENKERNELS_TORCH:-torch==2.13.0}" numpy scikit-build-core pybind11 ninja ${GK_EXTRA_PACKAGES:-}
 python -m pip install -q --no-build-isolation .
