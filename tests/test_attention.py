@@ -68,6 +68,20 @@ def test_matches_pytorch(backend, len_q, len_kv, dim):
     check(backend, q, k, v, is_causal=True)
 
 
+def test_cpu_bfloat16():
+    """The CPU kernel takes bfloat16 too, accumulating in float32."""
+    q, k, v = torch.randn(2, 3, 37, 64), torch.randn(2, 3, 50, 64), torch.randn(2, 3, 50, 64)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    out = genkernels.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)
+    assert out.dtype == torch.bfloat16
+    assert rel_error(out, exact) <= low_precision_bound(q, k, v, torch.bfloat16, is_causal=True)
+    cache = torch.zeros(2, 3, 60, 64, dtype=torch.bfloat16)
+    out = genkernels.attention_with_kvcache(
+        q[:, :, :1].bfloat16(), cache, cache.clone(), torch.tensor([0, 3]), key=k[:, :, :1].bfloat16(), value=v[:, :, :1].bfloat16()
+    )
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 1, 64)
+
+
 @pytest.mark.parametrize("dim, dim_v", [(80, 80), (128, 128), (256, 256), (64, 24), (24, 64)])
 def test_head_dims(backend, dim, dim_v):
     q, k, v = torch.randn(1, 2, 33, dim), torch.randn(1, 2, 47, dim), torch.randn(1, 2, 47, dim_v)

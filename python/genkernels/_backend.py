@@ -76,11 +76,12 @@ def launch_for(t: torch.Tensor) -> Launch:
     raise ValueError(f"genkernels runs on cpu and cuda tensors, got a tensor on {device}")
 
 
-def float_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
-    """The floating dtypes the kernels accept on `device`."""
+def float_dtypes(device: torch.device, cpu_extra: tuple[torch.dtype, ...] = ()) -> tuple[torch.dtype, ...]:
+    """The floating dtypes the kernels accept on `device`; `cpu_extra` names the 16-bit types an
+    op's CPU kernels also take."""
     if device.type == "cuda" or (device.type == "cpu" and _emulating):
         return (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-    return (torch.float32, torch.float64)
+    return (torch.float32, torch.float64, *cpu_extra)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

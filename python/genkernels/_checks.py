@@ -24,9 +24,11 @@ def tensor(fn: str, name: str, value: object) -> torch.Tensor:
     return value
 
 
-def float_tensor(fn: str, name: str, value: object, *, min_dim: int = 0) -> torch.Tensor:
+def float_tensor(
+    fn: str, name: str, value: object, *, min_dim: int = 0, cpu_extra: tuple[torch.dtype, ...] = ()
+) -> torch.Tensor:
     t = tensor(fn, name, value)
-    allowed = float_dtypes(t.device)
+    allowed = float_dtypes(t.device, cpu_extra)
     if t.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise _fail(TypeError, fn, name, f"a tensor of dtype {names} on {t.device.type}", t.dtype)

@@ -15,9 +15,10 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from ._backend import DTYPE_CODES, float_dtypes, launch_for
+from ._backend import DTYPE_CODES, launch_for
 
 ALIGNMENTS = ("top_left", "bottom_right")
+_CPU_EXTRA = (torch.bfloat16,)  # the CPU kernel also takes bfloat16 (accumulating in float32)
 _BOOL_CODE = 6
 
 
@@ -133,9 +134,9 @@ def scaled_dot_product_attention(
         >>> out = genkernels.scaled_dot_product_attention(q, k, v, is_causal=True)
     """
     fn = "scaled_dot_product_attention"
-    query = _checks.float_tensor(fn, "query", query, min_dim=2)
-    key = _checks.float_tensor(fn, "key", key, min_dim=2)
-    value = _checks.float_tensor(fn, "value", value, min_dim=2)
+    query = _checks.float_tensor(fn, "query", query, min_dim=2, cpu_extra=_CPU_EXTRA)
+    key = _checks.float_tensor(fn, "key", key, min_dim=2, cpu_extra=_CPU_EXTRA)
+    value = _checks.float_tensor(fn, "value", value, min_dim=2, cpu_extra=_CPU_EXTRA)
     tensors = {"query": query, "key": key, "value": value}
     _checks.same_device(fn, tensors)
     _checks.same_dtype(fn, tensors)
@@ -207,7 +208,7 @@ def merge_attention(outputs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[
     fn = "merge_attention"
     if len(outputs) == 0 or len(outputs) != len(lses):
         raise ValueError(f"{fn}(): 'outputs' and 'lses' must be non-empty and of equal length, got {len(outputs)} and {len(lses)}")
-    outs = torch.stack([_checks.float_tensor(fn, "outputs", o) for o in outputs]).float()
+    outs = torch.stack([_checks.float_tensor(fn, "outputs", o, cpu_extra=_CPU_EXTRA) for o in outputs]).float()
     lse = torch.stack([_checks.tensor(fn, "lses", l) for l in lses]).float()
     if outs.shape[:-1] != lse.shape:
         raise ValueError(f"{fn}(): each output must be (..., L, Ev) with lse (..., L), got {tuple(outputs[0].shape)} and {tuple(lses[0].shape)}")
@@ -241,9 +242,9 @@ def attention_with_kvcache(
     Query heads may be a multiple of the cache's (grouped-query attention).
     """
     fn = "attention_with_kvcache"
-    query = _checks.float_tensor(fn, "query", query, min_dim=4)
-    key_cache = _checks.float_tensor(fn, "key_cache", key_cache, min_dim=4)
-    value_cache = _checks.float_tensor(fn, "value_cache", value_cache, min_dim=4)
+    query = _checks.float_tensor(fn, "query", query, min_dim=4, cpu_extra=_CPU_EXTRA)
+    key_cache = _checks.float_tensor(fn, "key_cache", key_cache, min_dim=4, cpu_extra=_CPU_EXTRA)
+    value_cache = _checks.float_tensor(fn, "value_cache", value_cache, min_dim=4, cpu_extra=_CPU_EXTRA)
     cache_seqlens = _checks.tensor(fn, "cache_seqlens", cache_seqlens)
     tensors = {"query": query, "key_cache": key_cache, "value_cache": value_cache}
     _checks.same_device(fn, {**tensors, "cache_seqlens": cache_seqlens})
@@ -262,8 +263,8 @@ def attention_with_kvcache(
         raise ValueError(f"{fn}(): pass both 'key' and 'value' or neither")
     appended = 0
     if key is not None:
-        key = _checks.float_tensor(fn, "key", key, min_dim=4)
-        value = _checks.float_tensor(fn, "value", value, min_dim=4)
+        key = _checks.float_tensor(fn, "key", key, min_dim=4, cpu_extra=_CPU_EXTRA)
+        value = _checks.float_tensor(fn, "value", value, min_dim=4, cpu_extra=_CPU_EXTRA)
         if key.shape != (batch, heads_kv, key.shape[2], dim) or value.shape[:3] != key.shape[:3] or value.shape[3] != value_cache.shape[3]:
             raise ValueError(f"{fn}(): 'key' and 'value' must be (B, H, L_new, E) matching the caches, got {tuple(key.shape)} and {tuple(value.shape)}")
         appended = key.shape[2]
