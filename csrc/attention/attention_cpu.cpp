@@ -34,11 +34,8 @@
 #include <new>
 #include <type_traits>
 
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include "attention/attention.h"
+#include "common/cpu_intrinsics.h"
 #include "common/cpu_memory.h"
 #include "common/hostdevice.h"
 #include "common/parallel.h"
@@ -99,10 +96,7 @@ V vmax(V a, V b) {
 // a * b + c, rounded once where the instruction set has fused multiply-adds; and the maximum in
 // one instruction (GCC compiles the select above with a constant operand to a compare and a blend).
 #if defined(__AVX512F__)
-// GCC 12 warns inside its own AVX-512 intrinsics (their undefined pass-through operands).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+GK_INTRINSICS_BEGIN
 Vec<float> vmax(Vec<float> a, Vec<float> b) {
   return reinterpret_cast<Vec<float>>(_mm512_max_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b)));
 }
@@ -117,7 +111,7 @@ Vec<double> fmadd(Vec<double> a, Vec<double> b, Vec<double> c) {
   return reinterpret_cast<Vec<double>>(_mm512_fmadd_pd(reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b),
                                                        reinterpret_cast<__m512d>(c)));
 }
-#pragma GCC diagnostic pop
+GK_INTRINSICS_END
 #elif defined(__AVX2__)
 Vec<float> vmax(Vec<float> a, Vec<float> b) {
   return reinterpret_cast<Vec<float>>(_mm256_max_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b)));

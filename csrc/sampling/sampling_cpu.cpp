@@ -1,10 +1,7 @@
 // CPU kernels for Gaussian sampling. Compiled once per instruction set (common/cpu_isa.h).
 #include <cstring>
 
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
+#include "common/cpu_intrinsics.h"
 #include "common/cpu_memory.h"
 #include "common/parallel.h"
 #include "common/philox.h"
@@ -18,10 +15,7 @@ namespace {
 // Philox words for several counters at once. x86 has no 32-bit high multiply, and the
 // compiler's widening of the scalar form costs twice the even/odd 32x32->64 multiplies below.
 #if defined(__AVX512F__)
-// GCC 12 warns inside its own AVX-512 intrinsics (their undefined pass-through operands).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+GK_INTRINSICS_BEGIN
 constexpr int kLanes = 16;
 typedef uint32_t Words __attribute__((vector_size(64)));
 struct WordsMulHiLo {
@@ -32,7 +26,7 @@ struct WordsMulHiLo {
     hi = reinterpret_cast<Words>(_mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd));
   }
 };
-#pragma GCC diagnostic pop
+GK_INTRINSICS_END
 #elif defined(__AVX2__)
 constexpr int kLanes = 8;
 typedef uint32_t Words __attribute__((vector_size(32)));
