@@ -58,7 +58,7 @@ enum class VarianceInput : int { none = 0, learned = 1, learned_range = 2 };
 
 struct DiffusionStepParams {
   void* prev;               // optional: without it only x0 is written
-  void* x0;                 // optional output of the predicted clean sample
+  void* x0;                 // the predicted clean sample
   const void* sample;
   const void* model;        // the model output, or the unconditional one with guidance
   const void* model_cond;   // optional: the conditional output (guidance)
@@ -73,7 +73,7 @@ struct DiffusionStepParams {
 
   void check() const {
     require(batch >= 0 && row >= 0, "diffusion_step: negative size");
-    require(batch == 0 || row == 0 || (sample && model && coeffs && (prev || x0)), "diffusion_step: null pointer");
+    require(batch == 0 || row == 0 || (sample && model && coeffs && x0), "diffusion_step: null pointer");
     require((variance_input == VarianceInput::none) == (variance == nullptr),
             "diffusion_step: a variance input needs a variance mode and the reverse");
     require(!(noise && seed), "diffusion_step: both given noise and a seed");

@@ -68,7 +68,7 @@ __global__ void diffusion_step_kernel(DiffusionStepParams p) {
     const C xe = static_cast<C>(x[e]);
     const C guide = guided(k, static_cast<C>(m[e]), static_cast<C>(c[e]));
     const C x0 = predicted_x0(k, xe, guide);
-    if (p.x0) static_cast<T*>(p.x0)[e] = static_cast<T>(x0);
+    static_cast<T*>(p.x0)[e] = static_cast<T>(x0);
     if (!p.prev) return;
     const C z = p.noise ? static_cast<C>(static_cast<const T*>(p.noise)[e]) : static_cast<C>(drawn);
     const C v = p.variance ? static_cast<C>(static_cast<const T*>(p.variance)[e]) : C(0);
