@@ -371,8 +371,8 @@ class _StepInputs:
         if self.cond is None or self.rescale == 0.0:
             return torch.ones(self.batch, dtype=torch.float64, device=self.device)
         dims = list(range(1, self.sample.dim()))
-        cond = self.cond.double()
-        cfg = self.model.double() + self.w * (cond - self.model.double())
+        uncond, cond = self.model.double(), self.cond.double()
+        cfg = uncond + self.w * (cond - uncond)
         std_cond, std_cfg = cond.std(dim=dims), cfg.std(dim=dims)
         return self.rescale * (std_cond / std_cfg) + (1.0 - self.rescale)
 
@@ -419,6 +419,14 @@ def _run_step(inputs: _StepInputs, coeffs: Tensor, *, thresholding: Optional[tup
         inputs.sample, inputs.model, inputs.cond, inputs.variance, _VARIANCE_INPUT[variance_input], prev_x0,
         inputs.noise if draw_noise else None, coeffs, seed, True,
     )
+
+
+def _limits(clip_sample: bool, clip_sample_range: float, thresholding: bool, ratio: float,
+            max_value: float) -> tuple[Optional[float], Optional[tuple[float, float]]]:
+    """(clip range, (threshold ratio, max)) of a step; thresholding replaces clipping, as in diffusers."""
+    if thresholding:
+        return None, (ratio, max_value)
+    return (clip_sample_range if clip_sample else None), None
 
 
 def _step_coeffs(inputs: _StepInputs, abar: Tensor, one_minus: Tensor, prediction_type: str, clip: Optional[float]) -> Tensor:
@@ -480,7 +488,8 @@ def ddpm_step(
     abar_prev, one_minus_prev = schedule._gather(t_prev, final=1.0)
     alpha = abar / abar_prev  # of the step t_prev -> t
     beta = 1.0 - alpha
-    k = _step_coeffs(inputs, abar, one_minus, prediction_type, clip_sample_range if clip_sample and not thresholding else None)
+    clip, threshold = _limits(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)
+    k = _step_coeffs(inputs, abar, one_minus, prediction_type, clip)
     # Posterior mean (Ho et al. 2020, eq. 7).
     k[:, _S["out_x0"]] = abar_prev.sqrt() * beta / one_minus
     k[:, _S["out_x"]] = alpha.sqrt() * one_minus_prev / one_minus
@@ -494,8 +503,7 @@ def ddpm_step(
         k[:, _S["log_var_min"]], k[:, _S["log_var_max"]] = variance.log(), beta.log()
     k[:, _S["noise_std"]] = torch.where(t > 0, std, 0.0)
     learned = variance_type if variance_type in ("learned", "learned_range") else None
-    return _run_step(inputs, k, thresholding=(dynamic_thresholding_ratio, sample_max_value) if thresholding else None,
-                     draw_noise=True, generator=generator, variance_input=learned)
+    return _run_step(inputs, k, thresholding=threshold, draw_noise=True, generator=generator, variance_input=learned)
 
 
 def ddim_step(
@@ -540,7 +548,8 @@ def ddim_step(
     abar, one_minus = schedule._gather(t)
     final = 1.0 if set_alpha_to_one else schedule._abar0
     abar_prev, one_minus_prev = schedule._gather(t_prev, final=final)
-    k = _step_coeffs(inputs, abar, one_minus, prediction_type, clip_sample_range if clip_sample and not thresholding else None)
+    clip, threshold = _limits(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)
+    k = _step_coeffs(inputs, abar, one_minus, prediction_type, clip)
     # The noise the step follows: the model's, or recomputed from the (clipped) x0.
     if use_clipped_model_output or prediction_type == "sample":
         source = "eps_from_x0" if use_clipped_model_output else "eps_from_e"
@@ -554,5 +563,4 @@ def ddim_step(
     k[:, _S["out_x0"]] = abar_prev.sqrt()
     k[:, _S["out_eps"]] = (one_minus_prev - std**2).sqrt()
     k[:, _S["noise_std"]] = std
-    return _run_step(inputs, k, thresholding=(dynamic_thresholding_ratio, sample_max_value) if thresholding else None,
-                     draw_noise=eta > 0, generator=generator)
+    return _run_step(inputs, k, thresholding=threshold, draw_noise=eta > 0, generator=generator)

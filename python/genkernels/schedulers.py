@@ -54,9 +54,6 @@ class _Scheduler:
             config["num_train_timesteps"], config["beta_schedule"], config["beta_start"], config["beta_end"],
             config["trained_betas"], config["rescale_betas_zero_snr"],
         )
-        self.betas = self.schedule.betas
-        self.alphas = self.schedule.alphas
-        self.alphas_cumprod = self.schedule.alphas_cumprod
         self.num_inference_steps: Optional[int] = None
         n = len(self.schedule)
         self.timesteps = torch.arange(n - 1, -1, -1, dtype=torch.int64)
@@ -65,6 +62,18 @@ class _Scheduler:
 
     def __len__(self) -> int:
         return len(self.schedule)
+
+    @property
+    def betas(self) -> Tensor:
+        return self.schedule.betas
+
+    @property
+    def alphas(self) -> Tensor:
+        return self.schedule.alphas
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        return self.schedule.alphas_cumprod
 
     def _spaced_timesteps(self, num_inference_steps: int) -> np.ndarray:
         """Inference timesteps, descending, for the configured spacing (diffusers' rules; Lin et al.
@@ -164,7 +173,10 @@ class DDPMScheduler(_Scheduler):
         rescale_betas_zero_snr: bool = False,
     ) -> None:
         super().__init__(_arguments(locals()))
-        self.variance_type = variance_type
+
+    @property
+    def variance_type(self) -> str:
+        return self.config.variance_type
 
     def step(
         self,
@@ -219,7 +231,11 @@ class DDIMScheduler(_Scheduler):
         diffusers_compat: bool = False,
     ) -> None:
         super().__init__(_arguments(locals()))
-        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0].cpu()
+
+    @property
+    def final_alpha_cumprod(self) -> Tensor:
+        """abar after the last step: 1 with ``set_alpha_to_one``, else abar_0."""
+        return torch.ones(()) if self.config.set_alpha_to_one else self.alphas_cumprod[0].cpu()
 
     def previous_timestep(self, timestep: Timesteps) -> Tensor:
         if self.config.diffusers_compat:
