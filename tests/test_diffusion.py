@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 
+import diffusers
 import pytest
 import torch
 
@@ -14,7 +15,6 @@ from genkernels.diffusion import NoiseSchedule, ddim_step, ddpm_step, q_sample
 
 from tolerances import low_precision_tol
 
-diffusers = pytest.importorskip("diffusers")
 
 SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
 

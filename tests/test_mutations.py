@@ -65,7 +65,8 @@ def cuda_include() -> Optional[Path]:
 
 def compile_flags(include: Path) -> list[str]:
     """The compile flags of _C_emu (CMakeLists.txt), link-time optimisation aside."""
-    pybind11 = pytest.importorskip("pybind11")
+    import pybind11
+
     return [
         "-std=c++20", "-DGK_EMULATE", f"-DGK_MODULE_NAME={MODULE}", '-DGK_CUDA_ARCHS="emulated"',
         "-include", str(CSRC / "common" / "emulate.h"),

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import diffusers
 import pytest
 import torch
 
 from genkernels import schedulers
 
-diffusers = pytest.importorskip("diffusers")
-
-from test_diffusion import diffusers_in_float64  # noqa: E402
+from test_diffusion import diffusers_in_float64
 
 
 def denoiser(x: torch.Tensor, t) -> torch.Tensor:
