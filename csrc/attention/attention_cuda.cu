@@ -716,6 +716,7 @@ void attention_forward(const AttentionParams& params, const CudaExec& exec) {
   if (params.batch * params.heads_q * params.len_q == 0) return;
   const int64_t head_dim = params.dim_qk > params.dim_v ? params.dim_qk : params.dim_v;
   require(head_dim <= kMaxHeadDim, "attention: head dims above 256 are not supported on CUDA");
+  require(params.seed == nullptr, "attention: dropout is not supported by the CUDA kernels yet");
   // A window wider than every |j - i - diagonal| bounds nothing; capping it keeps the kernels'
   // band arithmetic far from overflow.
   AttentionParams p = params;

@@ -6,7 +6,7 @@ from __future__ import annotations
 from . import reference
 from ._backend import emulated_cuda
 from ._info import info
-from .attention import attention_with_kvcache, merge_attention, scaled_dot_product_attention
+from .attention import attention_dropout_mask, attention_with_kvcache, merge_attention, scaled_dot_product_attention
 from .positional import add_positional_encoding, sinusoidal_encoding
 from .sampling import gaussian_kl, randn, randn_like, reparameterize
 from ._C import __version__
@@ -14,6 +14,7 @@ from ._C import __version__
 __all__ = [
     "__version__",
     "add_positional_encoding",
+    "attention_dropout_mask",
     "attention_with_kvcache",
     "emulated_cuda",
     "gaussian_kl",
