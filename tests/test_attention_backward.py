@@ -91,6 +91,15 @@ def test_low_precision_gradients(backend, shape, causal):
             assert rel_error(g.cpu(), e) <= max(2 * rel_error(t, e), 4 * ulp), (dtype, name)
 
 
+@pytest.mark.parametrize("dim, dim_v", [(128, 128), (200, 160), (256, 32), (24, 256)])
+def test_head_dims(backend, dim, dim_v):
+    q, k, v, dout = case(1, 2, 1, 19, 33, dim, dim_v)
+    _, exact = torch_math_grads(q, k, v, dout, is_causal=True, enable_gqa=True)
+    _, got = ours(backend, torch.float32, q, k, v, dout, is_causal=True, enable_gqa=True)
+    for name, g, e in zip("qkv", got, exact):
+        assert rel_error(g.cpu(), e) <= 1e-4, name
+
+
 GRADCHECK_CASES = {
     "plain": (dict(), (1, 2, 2, 5, 7, 4, 4)),
     "causal": (dict(is_causal=True), (1, 2, 2, 6, 6, 4, 3)),

@@ -321,14 +321,13 @@ void gemm(int64_t rows, int64_t vectors, int64_t depth, const A* a, int64_t am, 
 struct Band {
   int64_t kv_len, diagonal, left, right;  // left, right < 0: unbounded
 
-  int64_t first(int64_t i) const { return left < 0 ? 0 : clamp64(i + diagonal - left, 0, kv_len); }
-  int64_t end(int64_t i) const { return right < 0 ? kv_len : clamp64(i + diagonal + right + 1, 0, kv_len); }
+  int64_t first(int64_t i) const { return clamp64(band_first_key(i, diagonal, left), 0, kv_len); }
+  int64_t end(int64_t i) const { return clamp64(band_end_key(i, diagonal, right), 0, kv_len); }
   // Whether every query in [i0, i1) may see every key in [j0, j1).
   bool covers(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const { return first(i1 - 1) <= j0 && j1 <= end(i0); }
   // The queries that may see key j < kv_len: [first_query(j), end_query(j)), both nondecreasing.
-  static constexpr int64_t kFar = int64_t(1) << 62;
-  int64_t first_query(int64_t j) const { return right < 0 ? -kFar : j - diagonal - right; }
-  int64_t end_query(int64_t j) const { return left < 0 ? kFar : j - diagonal + left + 1; }
+  int64_t first_query(int64_t j) const { return band_first_query(j, diagonal, right); }
+  int64_t end_query(int64_t j) const { return band_end_query(j, diagonal, left); }
 };
 
 // Adds log2(e) * bias to the scores s[jj * ld] of a row of n keys, or removes the keys a bool
@@ -357,7 +356,7 @@ class Attention {
     left_ = p.window_left > far ? -1 : p.window_left;
     right_ = p.window_right > far ? -1 : p.window_right;
     if (p.seed) {
-      dropout_ = dropout_stream(p.seed, p.dropout_p, p.heads_q, p.len_q, p.len_kv);
+      dropout_ = attention_dropout(p);
       keep_scale_ = static_cast<A>(dropout_scale(p.dropout_p));
     }
   }

@@ -10,7 +10,6 @@
 #include <pybind11/stl.h>
 
 #include <array>
-#include <type_traits>
 
 #include <cstdint>
 
@@ -135,28 +134,26 @@ void bind_ops(py::module_& m) {
                                kv_lens, scale, window_left, window_right, bottom_right, dropout_p, seed, dtype);
           run<Exec>(&attention_forward, p, where, stream);
         });
-  if constexpr (std::is_same_v<Exec, CpuExec>) {
-    m.def("attention_backward",
-          [](int64_t where, uintptr_t stream, uintptr_t dout, std::array<int64_t, 3> dout_stride, uintptr_t dlse,
-             uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t dq, uintptr_t dk,
-             uintptr_t dv, uintptr_t dbias, std::array<int64_t, 7> sizes, std::array<int64_t, 3> q_stride,
-             std::array<int64_t, 3> k_stride, std::array<int64_t, 3> v_stride, uintptr_t mask, int mask_dtype,
-             std::array<int64_t, 4> mask_stride, double scale, int64_t window_left, int64_t window_right,
-             bool bottom_right, double dropout_p, uintptr_t seed, int dtype) {
-            AttentionBackwardParams p{};
-            p.fwd = attention_params(q, k, v, out, lse, sizes, q_stride, k_stride, v_stride, mask, mask_dtype,
-                                     mask_stride, 0, scale, window_left, window_right, bottom_right, dropout_p, seed,
-                                     dtype);
-            p.dout = ptr(dout);
-            for (int d = 0; d < 3; ++d) p.dout_stride[d] = dout_stride[d];
-            p.dlse = static_cast<const float*>(ptr(dlse));
-            p.dq = ptr(dq);
-            p.dk = ptr(dk);
-            p.dv = ptr(dv);
-            p.dbias = static_cast<float*>(ptr(dbias));
-            run<Exec>(&attention_backward, p, where, stream);
-          });
-  }
+  m.def("attention_backward",
+        [](int64_t where, uintptr_t stream, uintptr_t dout, std::array<int64_t, 3> dout_stride, uintptr_t dlse,
+           uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t dq, uintptr_t dk,
+           uintptr_t dv, uintptr_t dbias, std::array<int64_t, 7> sizes, std::array<int64_t, 3> q_stride,
+           std::array<int64_t, 3> k_stride, std::array<int64_t, 3> v_stride, uintptr_t mask, int mask_dtype,
+           std::array<int64_t, 4> mask_stride, double scale, int64_t window_left, int64_t window_right,
+           bool bottom_right, double dropout_p, uintptr_t seed, int dtype) {
+          AttentionBackwardParams p{};
+          p.fwd = attention_params(q, k, v, out, lse, sizes, q_stride, k_stride, v_stride, mask, mask_dtype,
+                                   mask_stride, 0, scale, window_left, window_right, bottom_right, dropout_p, seed,
+                                   dtype);
+          p.dout = ptr(dout);
+          for (int d = 0; d < 3; ++d) p.dout_stride[d] = dout_stride[d];
+          p.dlse = static_cast<const float*>(ptr(dlse));
+          p.dq = ptr(dq);
+          p.dk = ptr(dk);
+          p.dv = ptr(dv);
+          p.dbias = static_cast<float*>(ptr(dbias));
+          run<Exec>(&attention_backward, p, where, stream);
+        });
 }
 
 }  // namespace gk::bindings
