@@ -7,7 +7,7 @@
 // per query head, c Q^T and dO^T (c = scale log2(e)), Q and dO as rows, lse2 = log2(e) lse and
 // D = rowsum(dO * out) - dlse. It then walks its keys in tiles of Bc, and for each key tile the
 // query tiles of Br queries that the band lets see it (tiles wholly outside the band are never
-// visited; tiles across its edge mask single scores), recomputing the weights from the saved
+// visited; tiles across its edge go in blocks of one vector), recomputing the weights from the saved
 // log-sum-exp rather than storing them:
 //   S^T = K (c Q^T)                  Bc x Br, base-2 scores, masked as in the forward
 //   P^T = 2^(S^T - lse2)             the softmax weights (times dropout factors: Pd^T)
@@ -49,6 +49,9 @@ class Backward {
     for_each_task(p_.batch * p_.heads_kv, threads, [&](auto&& next) {
       Buffer<A> heads(group * head_elements()), kbuf(tile * dqk_), vbuf(tile * p_.dim_v);
       Buffer<A> st(tile * lanes_), dst(tile * lanes_), pd(tile * lanes_), dk(tile * dqk_), dv(tile * dvp_);
+      // Scores an edge tile leaves out are masked, and must be finite before that.
+      std::memset(st.get(), 0, sizeof(A) * tile * lanes_);
+      std::memset(dst.get(), 0, sizeof(A) * tile * lanes_);
       for (int64_t item; next(&item);) {
         const int64_t b = item / p_.heads_kv, hk = item % p_.heads_kv;
         for (int64_t g = 0; g < group; ++g) pack(b, hk * group + g, packed(heads.get(), g));
@@ -94,26 +97,44 @@ class Backward {
   void pack(int64_t b, int64_t h, const PackedQueries<A>& pq) const {
     constexpr A kLog2e = static_cast<A>(1.4426950408889634074);
     const int64_t len_q = p_.len_q, row0 = (b * p_.heads_q + h) * len_q;
-    at_.load_queries_transposed(b, h, 0, len_q, len_qp_, pq.qt);
     const T* q = static_cast<const T*>(p_.q) + b * p_.q_stride[0] + h * p_.q_stride[1];
     const T* dout = static_cast<const T*>(bp_.dout) + b * bp_.dout_stride[0] + h * bp_.dout_stride[1];
     const T* out = static_cast<const T*>(p_.out) + row0 * p_.dim_v;
-    for (int64_t i = 0; i < len_qp_; ++i) {
+    std::memset(pq.q, 0, sizeof(A) * len_qp_ * dqk_);
+    std::memset(pq.dout, 0, sizeof(A) * len_qp_ * dvp_);
+    for (int64_t i = 0; i < len_q; ++i) {
       A* qrow = pq.q + i * dqk_;
       A* drow = pq.dout + i * dvp_;
-      const bool real = i < len_q;
-      for (int64_t e = 0; e < dqk_; ++e) qrow[e] = real && e < p_.dim_qk ? to_acc(q[i * p_.q_stride[2] + e]) : A(0);
+      const T* qi = q + i * p_.q_stride[2];
+      const T* di = dout + i * bp_.dout_stride[2];
+      const T* oi = out + i * p_.dim_v;
+      for (int64_t e = 0; e < p_.dim_qk; ++e) qrow[e] = to_acc(qi[e]);
       A delta = 0;
-      for (int64_t e = 0; e < dvp_; ++e) {
-        const A d = real && e < p_.dim_v ? to_acc(dout[i * bp_.dout_stride[2] + e]) : A(0);
-        drow[e] = d;
-        if (e < p_.dim_v) pq.dot[e * len_qp_ + i] = d;
-        if (real && e < p_.dim_v) delta += d * to_acc(out[i * p_.dim_v + e]);
+      for (int64_t e = 0; e < p_.dim_v; ++e) {
+        drow[e] = to_acc(di[e]);
+        delta += drow[e] * to_acc(oi[e]);
       }
-      pq.lse2[i] = real ? kLog2e * static_cast<A>(p_.lse[row0 + i]) : static_cast<A>(__builtin_inf());
-      pq.delta[i] = real ? delta - (bp_.dlse ? static_cast<A>(bp_.dlse[row0 + i]) : A(0)) : A(0);
+      pq.lse2[i] = kLog2e * static_cast<A>(p_.lse[row0 + i]);
+      pq.delta[i] = delta - (bp_.dlse ? static_cast<A>(bp_.dlse[row0 + i]) : A(0));
     }
+    for (int64_t i = len_q; i < len_qp_; ++i) {
+      pq.lse2[i] = static_cast<A>(__builtin_inf());
+      pq.delta[i] = 0;
+    }
+    transpose(pq.q, dqk_, p_.dim_qk, at_.log2_scale(), pq.qt);
+    transpose(pq.dout, dvp_, p_.dim_v, A(1), pq.dot);
     std::memset(pq.dq, 0, sizeof(A) * len_qp_ * dqk_);
+  }
+
+  // dst[e * len_qp + i] = factor * src[i * ld + e] for e < dim and all len_qp rows, a block of
+  // kLanes rows at a time so that the rows read stay in the first-level cache across e.
+  void transpose(const A* src, int64_t ld, int64_t dim, A factor, A* dst) const {
+    for (int64_t i0 = 0; i0 < len_qp_; i0 += W) {
+      for (int64_t e = 0; e < dim; ++e) {
+        A* row = dst + e * len_qp_ + i0;
+        for (int64_t i = 0; i < W; ++i) row[i] = factor * src[(i0 + i) * ld + e];
+      }
+    }
   }
 
   // The contribution of query head (b, h) to key tile [j0, j0 + n): into dk and dv (n rows) and
@@ -122,13 +143,27 @@ class Backward {
                 const PackedQueries<A>& pq, A* st, A* dst, A* pd, A* dk, A* dv) const {
     const Band band = at_.band(b);
     if (j0 >= band.kv_len) return;
-    const int64_t lanes = lanes_, vectors = lanes_ / W;
+    const int64_t lanes = lanes_;
     const int64_t ia = clamp64(band.first_query(j0), 0, p_.len_q);
     const int64_t ib = clamp64(band.end_query(min64(j0 + n, band.kv_len) - 1), 0, p_.len_q);
     for (int64_t i0 = ia / lanes * lanes; i0 < ib; i0 += lanes) {
       const int64_t count = min64(lanes, p_.len_q - i0);
-      gemm(n, vectors, p_.dim_qk, k, ldk, 1, pq.qt + i0, len_qp_, st, lanes, false);
-      if (p_.mask || !band.covers(i0, i0 + count, j0, j0 + n)) {
+      // A tile across the band's edge goes in blocks of one vector of keys (S^T, dP^T, dV, dK)
+      // or of queries (dQ), each over only the queries or keys of the band; the scores left
+      // out are masked to -inf below, so their weights and score gradients are 0.
+      const bool edge = !band.covers(i0, i0 + count, j0, j0 + n);
+      const int64_t key_block = edge ? W : n, query_block = edge ? W : count;
+      for (int64_t j = j0; j < j0 + n; j += key_block) {
+        const int64_t nj = min64(key_block, j0 + n - j), row = (j - j0) * lanes;
+        const int64_t v0 = clamp64(band.first_query(j) - i0, 0, count) / W;
+        const int64_t v1 = (clamp64(band.end_query(j + nj - 1) - i0, 0, count) + W - 1) / W;
+        if (v0 >= v1) continue;
+        gemm(nj, v1 - v0, p_.dim_qk, k + (j - j0) * ldk, ldk, 1, pq.qt + i0 + v0 * W, len_qp_, st + row + v0 * W, lanes,
+             false);
+        gemm(nj, v1 - v0, p_.dim_v, v + (j - j0) * ldv, ldv, 1, pq.dot + i0 + v0 * W, len_qp_, dst + row + v0 * W,
+             lanes, false);
+      }
+      if (p_.mask || edge) {
         for (int64_t i = 0; i < count; ++i) at_.mask_scores(band, b, h, i0 + i, j0, n, st + i, lanes);
       }
       for (int64_t jj = 0; jj < n; ++jj) {
@@ -137,7 +172,6 @@ class Backward {
           store(s, exp2v<A>(load(s) - load(pq.lse2 + i0 + x)));
         }
       }
-      gemm(n, vectors, p_.dim_v, v, ldv, 1, pq.dot + i0, len_qp_, dst, lanes, false);
       const A* weights = st;  // Pd^T: P^T with dropout factors
       if (at_.dropout()) {
         for (int64_t x = 0; x < n * lanes; ++x) pd[x] = 1;
@@ -149,7 +183,6 @@ class Backward {
         }
         weights = pd;
       }
-      gemm(n, dvp_ / W, count, weights, lanes, 1, pq.dout + i0 * dvp_, dvp_, dv, dvp_, true);
       for (int64_t jj = 0; jj < n; ++jj) {
         for (int64_t x = 0; x < lanes; x += W) {
           A* ds = dst + jj * lanes + x;
@@ -161,8 +194,23 @@ class Backward {
         for (int64_t i = 0; i < count; ++i)
           for (int64_t jj = 0; jj < n; ++jj) db[i * p_.len_kv + jj] = static_cast<float>(dst[jj * lanes + i]);
       }
-      gemm(n, dqk_ / W, count, dst, lanes, 1, pq.q + i0 * dqk_, dqk_, dk, dqk_, true);
-      gemm(count, dqk_ / W, n, dst, 1, lanes, k, ldk, pq.dq + i0 * dqk_, dqk_, true);
+      for (int64_t j = j0; j < j0 + n; j += key_block) {
+        const int64_t nj = min64(key_block, j0 + n - j), row = (j - j0) * lanes;
+        const int64_t qa = clamp64(band.first_query(j) - i0, 0, count);
+        const int64_t qb = clamp64(band.end_query(j + nj - 1) - i0, 0, count);
+        if (qa >= qb) continue;
+        gemm(nj, dvp_ / W, qb - qa, weights + row + qa, lanes, 1, pq.dout + (i0 + qa) * dvp_, dvp_, dv + (j - j0) * dvp_,
+             dvp_, true);
+        gemm(nj, dqk_ / W, qb - qa, dst + row + qa, lanes, 1, pq.q + (i0 + qa) * dqk_, dqk_, dk + (j - j0) * dqk_, dqk_,
+             true);
+      }
+      for (int64_t i = 0; i < count; i += query_block) {
+        const int64_t ni = min64(query_block, count - i);
+        const int64_t ja = max64(j0, band.first(i0 + i)), jb = min64(j0 + n, band.end(i0 + i + ni - 1));
+        if (ja < jb)
+          gemm(ni, dqk_ / W, jb - ja, dst + (ja - j0) * lanes + i, 1, lanes, k + (ja - j0) * ldk, ldk,
+               pq.dq + (i0 + i) * dqk_, dqk_, true);
+      }
     }
   }
 

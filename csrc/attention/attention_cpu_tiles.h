@@ -379,6 +379,7 @@ class Attention {
   }
 
   const AttentionParams& params() const { return p_; }
+  A log2_scale() const { return c_; }  // scale log2(e): the factor of q in base-2 scores
   int64_t group() const { return group_; }
 
   Band band(int64_t b) const {
