@@ -123,3 +123,25 @@ def test_reference_mask_matches_philox_binding():
     for e in range(15):
         word = _C.philox4x32_10([e // 4, 0, 77, 0], [key & 0xFFFFFFFF, key >> 32])[e % 4]
         assert bool(mask[e]) == (word >= 2**31)
+
+
+def test_compile_training_step_with_dropout():
+    """fullgraph: the seed is drawn inside the graph; with inductor's eager-equal random numbers
+    the compiled loss and gradients equal eager ones bit for bit."""
+    import torch._inductor.config as inductor_config
+
+    def loss_fn(q, k, v):
+        return genkernels.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.2).square().mean()
+
+    q, k, v = (torch.randn(2, 2, 12, 8, requires_grad=True) for _ in range(3))
+    with inductor_config.patch(fallback_random=True):
+        compiled = torch.compile(loss_fn, fullgraph=True)
+        torch.manual_seed(3)
+        loss = compiled(q, k, v)
+        got = torch.autograd.grad(loss, (q, k, v))
+    torch.manual_seed(3)
+    expected_loss = loss_fn(q, k, v)
+    expected = torch.autograd.grad(expected_loss, (q, k, v))
+    assert torch.equal(loss, expected_loss)
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
