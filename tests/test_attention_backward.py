@@ -274,3 +274,21 @@ def test_peak_memory_of_backward_is_linear_in_sequence_length():
     # out, lse, the three gradients (2 MiB each) and per-thread packed queries (~10 MiB); the
     # naive method needs 256 MiB for the scores and as much again for their gradient.
     assert grown_kib < 64 * 1024, f"peak resident memory grew by {grown_kib} KiB"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_cpu_threads_and_determinism(threads):
+    """One key/value head (multi-query attention, batch 1): with more threads than heads the CPU
+    kernel splits the keys and merges dQ in a fixed order; results repeat bit for bit."""
+    q, k, v, dout = case(1, 4, 1, 150, 300, 32, 32)
+    _, exact = torch_math_grads(q, k, v, dout, is_causal=True, enable_gqa=True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runs = [grads(lambda *t: genkernels.scaled_dot_product_attention(*t, is_causal=True, enable_gqa=True),
+                      leaves("cpu", torch.float32, q, k, v), dout)[1] for _ in range(2)]
+    finally:
+        torch.set_num_threads(previous)
+    for first, second, e in zip(*runs, exact):
+        assert torch.equal(first, second)
+        assert rel_error(first, e) <= 1e-4

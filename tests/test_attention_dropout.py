@@ -127,7 +127,8 @@ def test_reference_mask_matches_philox_binding():
 
 def test_compile_training_step_with_dropout():
     """fullgraph: the seed is drawn inside the graph; with inductor's eager-equal random numbers
-    the compiled loss and gradients equal eager ones bit for bit."""
+    the compiled step applies the eager step's mask (a different mask would change the loss by
+    far more than the rounding of inductor's fused reductions)."""
     import torch._inductor.config as inductor_config
 
     def loss_fn(q, k, v):
@@ -142,6 +143,6 @@ def test_compile_training_step_with_dropout():
     torch.manual_seed(3)
     expected_loss = loss_fn(q, k, v)
     expected = torch.autograd.grad(expected_loss, (q, k, v))
-    assert torch.equal(loss, expected_loss)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-7)
     for g, e in zip(got, expected):
-        assert torch.equal(g, e)
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)

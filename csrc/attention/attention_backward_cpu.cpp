@@ -3,7 +3,9 @@
 //
 // A task is one key/value head (b, hk) with its group of query heads, so the gradients of its
 // keys and values (summed over the group) and of its queries belong to one thread: no atomics,
-// no partial sums to merge, and results that do not depend on scheduling. The task first packs,
+// and results that do not depend on scheduling. (With fewer key/value heads than threads, a
+// task is every splits-th key tile of a head instead, and the tasks' dQ are summed in a fixed
+// order afterwards: deterministic for a given thread count.) The task first packs,
 // per query head, c Q^T and dO^T (c = scale log2(e)), Q and dO as rows, lse2 = log2(e) lse and
 // D = rowsum(dO * out) - dlse. It then walks its keys in tiles of Bc, and for each key tile the
 // query tiles of Br queries that the band lets see it (tiles wholly outside the band are never
@@ -45,17 +47,29 @@ class Backward {
   int64_t head_elements() const { return len_qp_ * (2 * p_.dim_qk + 2 * p_.dim_v + 2) + len_qp_ * (2 * dqk_ + dvp_); }
 
   void run(int threads) const {
-    const int64_t group = at_.group(), tile = kBackwardKeyTile;
-    for_each_task(p_.batch * p_.heads_kv, threads, [&](auto&& next) {
-      Buffer<A> heads(group * head_elements()), kbuf(tile * dqk_), vbuf(tile * p_.dim_v);
+    const int64_t group = at_.group(), tile = kBackwardKeyTile, heads = p_.batch * p_.heads_kv;
+    // With fewer key/value heads than threads (batch 1, multi-query attention) the key tiles of a
+    // head are dealt round-robin to `splits` tasks (balanced under a causal band); each task sums
+    // its own dQ, and the parts are merged in task order.
+    const int64_t key_tiles = (p_.len_kv + tile - 1) / tile;
+    const int64_t splits = heads < threads ? clamp64((threads + heads - 1) / heads, 1, max64(key_tiles, 1)) : 1;
+    const int64_t part = group * len_qp_ * dqk_;  // one task's dQ
+    Buffer<A> dq_parts(splits > 1 ? heads * splits * part : 0);
+    for_each_task(heads * splits, threads, [&](auto&& next) {
+      Buffer<A> packs(group * head_elements()), kbuf(tile * dqk_), vbuf(tile * p_.dim_v);
       Buffer<A> st(tile * lanes_), dst(tile * lanes_), pd(tile * lanes_), dk(tile * dqk_), dv(tile * dvp_);
       // Scores an edge tile leaves out are masked, and must be finite before that.
       std::memset(st.get(), 0, sizeof(A) * tile * lanes_);
       std::memset(dst.get(), 0, sizeof(A) * tile * lanes_);
       for (int64_t item; next(&item);) {
-        const int64_t b = item / p_.heads_kv, hk = item % p_.heads_kv;
-        for (int64_t g = 0; g < group; ++g) pack(b, hk * group + g, packed(heads.get(), g));
-        for (int64_t j0 = 0; j0 < p_.len_kv; j0 += tile) {
+        const int64_t bh = item / splits, split = item % splits, b = bh / p_.heads_kv, hk = bh % p_.heads_kv;
+        auto queries = [&](int64_t g) {
+          PackedQueries<A> pq = packed(packs.get(), g);
+          if (splits > 1) pq.dq = dq_parts.get() + item * part + g * len_qp_ * dqk_;
+          return pq;
+        };
+        for (int64_t g = 0; g < group; ++g) pack(b, hk * group + g, queries(g));
+        for (int64_t j0 = split * tile; j0 < p_.len_kv; j0 += splits * tile) {
           const int64_t n = min64(tile, p_.len_kv - j0);
           std::memset(dk.get(), 0, sizeof(A) * n * dqk_);
           std::memset(dv.get(), 0, sizeof(A) * n * dvp_);
@@ -63,17 +77,34 @@ class Backward {
           const A* k = at_.keys(b, hk, j0, n, true, kbuf.get(), &ldk);
           const A* v = at_.values(b, hk, j0, n, false, vbuf.get(), &ldv);
           for (int64_t g = 0; g < group; ++g) {
-            key_tile(b, hk * group + g, j0, n, k, ldk, v, ldv, packed(heads.get(), g), st.get(), dst.get(), pd.get(),
-                     dk.get(), dv.get());
+            key_tile(b, hk * group + g, j0, n, k, ldk, v, ldv, queries(g), st.get(), dst.get(), pd.get(), dk.get(),
+                     dv.get());
           }
-          const int64_t rows = (b * p_.heads_kv + hk) * p_.len_kv + j0;
+          const int64_t rows = bh * p_.len_kv + j0;
           store_rows(static_cast<T*>(bp_.dk), rows, n, p_.dim_qk, dk.get(), dqk_, static_cast<A>(p_.scale));
           store_rows(static_cast<T*>(bp_.dv), rows, n, p_.dim_v, dv.get(), dvp_, A(1));
         }
+        if (splits > 1) continue;
         for (int64_t g = 0; g < group; ++g) {
           store_rows(static_cast<T*>(bp_.dq), (b * p_.heads_q + hk * group + g) * p_.len_q, p_.len_q, p_.dim_qk,
-                     packed(heads.get(), g).dq, dqk_, static_cast<A>(p_.scale));
+                     queries(g).dq, dqk_, static_cast<A>(p_.scale));
         }
+      }
+    });
+    if (splits == 1) return;
+    // dQ row r of key/value head bh's group: the sum of the tasks' rows, in task order.
+    parallel_for(heads * group * p_.len_q, 64, threads, [&](int64_t begin, int64_t end) {
+      Buffer<A> sum(dqk_);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t bh = row / (group * p_.len_q), r = row % (group * p_.len_q);
+        const int64_t g = r / p_.len_q, i = r % p_.len_q;
+        std::memset(sum.get(), 0, sizeof(A) * dqk_);
+        for (int64_t split = 0; split < splits; ++split) {
+          const A* x = dq_parts.get() + (bh * splits + split) * part + (g * len_qp_ + i) * dqk_;
+          for (int64_t e = 0; e < dqk_; e += W) store(sum.get() + e, load(sum.get() + e) + load(x + e));
+        }
+        const int64_t out_row = (bh / p_.heads_kv * p_.heads_q + bh % p_.heads_kv * group + g) * p_.len_q + i;
+        store_rows(static_cast<T*>(bp_.dq), out_row, 1, p_.dim_qk, sum.get(), dqk_, static_cast<A>(p_.scale));
       }
     });
   }
