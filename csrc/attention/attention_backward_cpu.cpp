@@ -5,12 +5,13 @@
 // keys and values (summed over the group) and of its queries belong to one thread: no atomics,
 // and results that do not depend on scheduling. (With fewer key/value heads than threads, a
 // task is every splits-th key tile of a head instead, and the tasks' dQ are summed in a fixed
-// order afterwards: deterministic for a given thread count.) The task first packs,
-// per query head, c Q^T and dO^T (c = scale log2(e)), Q and dO as rows, lse2 = log2(e) lse and
-// D = rowsum(dO * out) - dlse. It then walks its keys in tiles of Bc, and for each key tile the
-// query tiles of Br queries that the band lets see it (tiles wholly outside the band are never
-// visited; tiles across its edge go in blocks of one vector), recomputing the weights from the saved
-// log-sum-exp rather than storing them:
+// order afterwards: deterministic for a given thread count.)
+//
+// A task first packs, per query head, c Q^T and dO^T (c = scale log2(e)), Q and dO as rows,
+// lse2 = log2(e) lse and D = rowsum(dO * out) - dlse. It then walks its keys in tiles of Bc, and
+// for each key tile the query tiles of Br queries that the band lets see it (tiles wholly
+// outside the band are never visited; tiles across its edge go in blocks of one vector),
+// recomputing the weights from the saved log-sum-exp rather than storing them:
 //   S^T = K (c Q^T)                  Bc x Br, base-2 scores, masked as in the forward
 //   P^T = 2^(S^T - lse2)             the softmax weights (times dropout factors: Pd^T)
 //   dV += Pd^T dO                    dP^T = (V dO^T) * dropout factors
