@@ -241,7 +241,9 @@ def test_kvcache_prefill_chunk_is_causal_bottom_right(backend):
         (lambda q: genkernels.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.bool), is_causal=True), ValueError, ["is_causal"]),
         (lambda q: genkernels.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(3, 5)), ValueError, ["attn_mask", "broadcast"]),
         (lambda q: genkernels.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.int32)), TypeError, ["attn_mask", "int32"]),
-        (lambda q: genkernels.scaled_dot_product_attention(q, q, q, dropout_p=0.1), NotImplementedError, ["dropout_p"]),
+        (lambda q: genkernels.scaled_dot_product_attention(q, q, q, dropout_p=1.5), ValueError, ["dropout_p", "[0, 1]", "1.5"]),
+        (lambda q: genkernels.scaled_dot_product_attention(q, q, q, dropout_p="0.1"), TypeError, ["dropout_p", "real"]),
+        (lambda q: genkernels.scaled_dot_product_attention(q, q, q, dropout_p=0.1, generator=1), TypeError, ["generator"]),
         (lambda q: genkernels.scaled_dot_product_attention(q, q, q, causal_alignment="middle"), ValueError, ["causal_alignment", "middle"]),
         (lambda q: genkernels.scaled_dot_product_attention(q, q, q, window=(1, 2, 3)), TypeError, ["window"]),
         (lambda q: genkernels.scaled_dot_product_attention(q, q, q, window=(-5, 1)), ValueError, ["window[0]", ">= -1"]),
@@ -262,9 +264,9 @@ def test_opcheck():
     q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 8)
     mask = (torch.rand(1, 1, 9, 11) > 0.3).expand(2, 4, 9, 11)
     op = torch.ops.genkernels.attention_forward.default
-    torch.library.opcheck(op, (q, k, v, None, None, 0.25, -1, 0, False))
-    torch.library.opcheck(op, (q, k, v, mask, None, 0.25, 3, 2, True))
-    torch.library.opcheck(op, (q, k, v, None, torch.tensor([5, 11], dtype=torch.int32), 0.25, -1, 0, True))
+    torch.library.opcheck(op, (q, k, v, None, None, 0.25, -1, 0, False, 0.0, None))
+    torch.library.opcheck(op, (q, k, v, mask, None, 0.25, 3, 2, True, 0.0, None))
+    torch.library.opcheck(op, (q, k, v, None, torch.tensor([5, 11], dtype=torch.int32), 0.25, -1, 0, True, 0.0, None))
 
 
 def test_compile_fullgraph():

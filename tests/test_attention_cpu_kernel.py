@@ -41,7 +41,7 @@ def kernel(q, k, v, mask=None, kv_lens=None, scale=None, window=(-1, -1), bottom
         lse.data_ptr(), [batch, heads_q, heads_kv, len_q, len_kv, dim, dim_v], list(q.stride()[:3]),
         list(k.stride()[:3]), list(v.stride()[:3]), mask_ptr, mask_code, mask_strides,
         kv_lens.data_ptr() if kv_lens is not None else 0, dim**-0.5 if scale is None else scale,
-        window[0], window[1], bottom_right, DTYPE_CODES[q.dtype])
+        window[0], window[1], bottom_right, 0.0, 0, DTYPE_CODES[q.dtype])
     return out, lse
 
 

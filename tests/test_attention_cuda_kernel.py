@@ -54,7 +54,7 @@ def kernel(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, kv_le
         list(v.stride()[:3]), mask.data_ptr() if mask is not None else 0,
         codes[mask.dtype] if mask is not None else codes[torch.bool],
         list(mask.stride()) if mask is not None else [0, 0, 0, 0], kv_lens.data_ptr() if kv_lens is not None else 0,
-        1.0 / math.sqrt(dim_qk) if scale is None else scale, window[0], window[1], bottom_right, codes[q.dtype],
+        1.0 / math.sqrt(dim_qk) if scale is None else scale, window[0], window[1], bottom_right, 0.0, 0, codes[q.dtype],
     )
     return out, lse
 

@@ -247,7 +247,7 @@ def check_attention_tensor_cores() -> None:
             run.where, run.stream, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
             [batch, heads_q, heads_kv, len_q, len_kv, dim, dim], list(q.stride()[:3]), list(k.stride()[:3]),
             list(v.stride()[:3]), 0, _backend.DTYPE_CODES[torch.bool], [0, 0, 0, 0], 0, dim**-0.5, -1, 0, True,
-            _backend.DTYPE_CODES[dtype])
+            0.0, 0, _backend.DTYPE_CODES[dtype])
         assert_inside(buffer)
         assert_inside(lse_buffer)
         scores = (q.double() @ k.double().repeat_interleave(heads_q // heads_kv, 1).mT * dim**-0.5)

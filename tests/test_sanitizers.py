@@ -29,6 +29,10 @@ def _runtime(name: str) -> str:
     return path
 
 
+SUITES = ("test_positional.py", "test_sampling.py", "test_attention.py", "test_attention_backward.py",
+          "test_attention_dropout.py")
+
+
 @pytest.fixture(scope="module")
 def sanitized_package(tmp_path_factory) -> Path:
     """A copy of the installed package whose _C_emu is built with -fsanitize=address,undefined."""
@@ -65,7 +69,7 @@ def test_emulated_kernels_are_clean_under_sanitizers(sanitized_package):
     assert check.stdout.startswith(str(sanitized_package))
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "emulated",
-         *(str(ROOT / "tests" / name) for name in ("test_positional.py", "test_sampling.py", "test_attention.py"))],
+         *(str(ROOT / "tests" / name) for name in SUITES)],
         env=env, capture_output=True, text=True, cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

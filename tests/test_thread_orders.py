@@ -14,7 +14,8 @@ import pytest
 from genkernels import _backend
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITES = ["tests/test_positional.py", "tests/test_sampling.py", "tests/test_attention.py"]
+SUITES = ["tests/test_positional.py", "tests/test_sampling.py", "tests/test_attention.py",
+          "tests/test_attention_backward.py", "tests/test_attention_dropout.py"]
 
 
 @pytest.mark.skipif(_backend._C_emu is None, reason="needs the emulated CUDA module (GENKERNELS_EMULATION=ON)")

@@ -1,4 +1,4 @@
-// Scaled dot-product attention, forward: parameters and entry points.
+// Scaled dot-product attention, forward and backward: parameters and entry points.
 //
 // For each batch b, query head h and query position i (Dao et al., FlashAttention, 2022):
 //   s_ij = scale * q_i . k_j + bias_ij            over the keys j allowed for i
@@ -6,6 +6,14 @@
 // computed tile by tile with the online softmax, never forming the len_q x len_kv matrix.
 // Query head h reads key/value head h / (heads_q / heads_kv) (grouped-query attention).
 // A query with no allowed key gets out = 0 and lse = 0 (PyTorch 2.5+ semantics).
+// With dropout, out_i = sum_j softmax_j(s_ij) z_ij v_j, z_ij in {0, 1/(1-p)} drawn by
+// attention_math.h; lse is that of the scores, without dropout.
+//
+// Backward (FlashAttention-2), from dO, out and lse, recomputing the weights tile by tile:
+//   P_ij = exp(s_ij - lse_i),  dV_j = sum_i P_ij z_ij dO_i,  dP_ij = z_ij dO_i . v_j,
+//   D_i = dO_i . out_i - dlse_i,  dS_ij = P_ij (dP_ij - D_i),
+//   dQ_i = scale sum_j dS_ij k_j,  dK_j = scale sum_i dS_ij q_i,  dbias_ij = dS_ij,
+// with dK and dV of a key/value head summed over its group of query heads.
 #pragma once
 
 #include <cstdint>
@@ -45,7 +53,27 @@ struct AttentionParams {
   int64_t window_left, window_right;
   bool bottom_right;
 
+  // Dropout of the weights with probability dropout_p, from the Philox stream of seed (two
+  // int64: key and offset); no dropout when seed is null.
+  double dropout_p;
+  const int64_t* seed;
+
   DType dtype;  // of q, k, v and out
+
+  void check() const;
+};
+
+// The backward pass of the attention `fwd` describes. fwd.out and fwd.lse are the forward's
+// results (read here); the gradients are written, contiguous.
+struct AttentionBackwardParams {
+  AttentionParams fwd;
+  const void* dout;  // (batch, heads_q, len_q, dim_v), dtype, feature dimension contiguous
+  int64_t dout_stride[3];
+  const float* dlse;  // (batch, heads_q, len_q) contiguous, or null: the gradient of lse
+  void* dq;           // (batch, heads_q, len_q, dim_qk), dtype
+  void* dk;           // (batch, heads_kv, len_kv, dim_qk), dtype
+  void* dv;           // (batch, heads_kv, len_kv, dim_v), dtype
+  float* dbias;       // (batch, heads_q, len_q, len_kv) or null: the gradient of an additive mask
 
   void check() const;
 };
@@ -53,6 +81,9 @@ struct AttentionParams {
 GK_DECLARE_PER_ISA(void attention_forward(const AttentionParams&, const CpuExec&))
 void attention_forward(const AttentionParams&, const CpuExec&);
 void attention_forward(const AttentionParams&, const CudaExec&);
+GK_DECLARE_PER_ISA(void attention_backward(const AttentionBackwardParams&, const CpuExec&))
+void attention_backward(const AttentionBackwardParams&, const CpuExec&);
+void attention_backward(const AttentionBackwardParams&, const CudaExec&);
 
 inline void AttentionParams::check() const {
   require(batch >= 0 && heads_q >= 0 && heads_kv >= 0 && len_q >= 0 && len_kv >= 0 && dim_qk >= 0 && dim_v >= 0,
@@ -67,6 +98,21 @@ inline void AttentionParams::check() const {
   for (int d = 0; d < 3; ++d)
     require(q_stride[d] >= 0 && k_stride[d] >= 0 && v_stride[d] >= 0, "attention: negative stride");
   for (int d = 0; d < 4; ++d) require(mask == nullptr || mask_stride[d] >= 0, "attention: negative mask stride");
+  require(seed == nullptr || (dropout_p >= 0 && dropout_p <= 1), "attention: dropout_p must lie in [0, 1]");
+}
+
+inline void AttentionBackwardParams::check() const {
+  fwd.check();
+  require(fwd.kv_lens == nullptr, "attention_backward: kv_lens is forward-only");
+  const bool empty_q = fwd.batch * fwd.heads_q * fwd.len_q == 0;
+  require(empty_q || (fwd.lse != nullptr && fwd.out != nullptr && dout != nullptr), "attention_backward: null lse, out or dout");
+  require(empty_q || fwd.dim_qk == 0 || dq != nullptr, "attention_backward: null dq");
+  const bool empty_kv = fwd.batch * fwd.heads_kv * fwd.len_kv == 0;
+  require(empty_kv || ((fwd.dim_qk == 0 || dk != nullptr) && (fwd.dim_v == 0 || dv != nullptr)),
+          "attention_backward: null dk or dv");
+  require(dbias == nullptr || (fwd.mask != nullptr && fwd.mask_dtype != DType::b8),
+          "attention_backward: dbias needs an additive mask");
+  for (int d = 0; d < 3; ++d) require(dout_stride[d] >= 0, "attention_backward: negative stride");
 }
 
 }  // namespace gk

@@ -16,6 +16,9 @@
 // subtract 0 in place of m', so nothing becomes NaN, and it ends with l = 0, which gives
 // out = 0 and lse = 0.
 //
+// With dropout, p_j is multiplied by its dropout factor (attention_math.h) after l has summed
+// it and before P V, so that lse stays that of the scores.
+//
 // Rows. The len_q positions of the group = heads_q / heads_kv query heads that read one
 // key/value head are numbered r = g * len_q + i, and a block takes a run of consecutive r:
 // every key and value tile it stages serves all of its rows, across heads with grouped-query
@@ -40,15 +43,18 @@
 #include <type_traits>
 
 #include "attention/attention.h"
+#include "attention/attention_math.h"
 #include "common/cuda_utils.h"
 #include "common/hostdevice.h"
 #include "common/ptx.h"
 
-// Unrolls the loop that follows twice on the device (GK_UNROLL unrolls fully).
+// Unrolls the loop that follows twice on the device (GK_UNROLL unrolls fully), or not at all.
 #if defined(__CUDA_ARCH__)
 #define GK_UNROLL_TWICE _Pragma("unroll 2")
+#define GK_NO_UNROLL _Pragma("unroll 1")
 #else
 #define GK_UNROLL_TWICE
+#define GK_NO_UNROLL
 #endif
 
 namespace gk {
@@ -317,6 +323,8 @@ __launch_bounds__(TcShape<D>::kThreads) __global__ void attention_tc_kernel(cons
   // This lane's two rows: quad_row and quad_row + 8 of the warp's 16.
   const Row rows[2] = {row_of(p, plan, blk, 16 * warp + quad_row), row_of(p, plan, blk, 16 * warp + quad_row + 8)};
   float m[2] = {neg_inf<float>(), neg_inf<float>()}, l[2] = {0.0f, 0.0f};
+  const DropoutStream drop = attention_dropout(p);
+  const float keep_scale = float(dropout_scale(p.dropout_p));
   float o[D / 8][4] = {};
 
   for (int64_t tile = 0; tile < n_tiles; ++tile) {
@@ -379,6 +387,25 @@ __launch_bounds__(TcShape<D>::kThreads) __global__ void attention_tc_kernel(cons
         s[nt][2 * h] = exp_minus(s[nt][2 * h], base);
         s[nt][2 * h + 1] = exp_minus(s[nt][2 * h + 1], base);
         l[h] += s[nt][2 * h] + s[nt][2 * h + 1];
+      }
+    }
+
+    // Dropout: after the row sums, so that l (and lse) stay those of the scores. The keep bits
+    // of the lane's kN / 2 weights come first, from one rolled loop: 32 inlined Philox blocks
+    // would push the kernel into spills.
+    if (p.seed != nullptr) {
+      static_assert(kN / 2 <= 32, "one keep bit per weight of the lane");
+      uint32_t kept = 0;  // bit 4 nt + e: element e of s[nt]
+      GK_NO_UNROLL
+      for (int x = 0; x < kN / 2; ++x) {
+        const int64_t index = x % 4 < 2 ? rows[0].index : rows[1].index;
+        const int64_t j = n0 + 8 * (x / 4) + quad_col + x % 2;
+        kept |= uint32_t(dropout_keeps(drop, uint64_t(index * p.len_kv + j))) << x;
+      }
+      GK_UNROLL
+      for (int nt = 0; nt < kN / 8; ++nt) {
+        GK_UNROLL
+        for (int e = 0; e < 4; ++e) s[nt][e] = (kept >> (4 * nt + e)) & 1u ? s[nt][e] * keep_scale : 0.0f;
       }
     }
 
@@ -493,6 +520,8 @@ __launch_bounds__(128, 1) __global__ void attention_simt_kernel(const AttentionP
   Row rows[kLaneRows];
   GK_UNROLL
   for (int rr = 0; rr < kLaneRows; ++rr) rows[rr] = row_of(p, plan, blk, kRows * warp + group + kGroups * rr);
+  const DropoutStream drop = attention_dropout(p);
+  const C keep_scale = C(dropout_scale(p.dropout_p));
   C m[kRows], l[kRows], o[kRows][D / 32] = {};  // l: this lane's share of the row sums
   GK_UNROLL
   for (int r = 0; r < kRows; ++r) {
@@ -540,8 +569,11 @@ __launch_bounds__(128, 1) __global__ void attention_simt_kernel(const AttentionP
       for (int c = 0; c < D / 32; ++c) o[r][c] *= correction;
       if (mine) {
         const C prob = exp_minus(s[r / kGroups], base);
-        l[r] += prob;
-        sP[key * kRows + r] = prob;
+        l[r] += prob;  // before dropout: l (and lse) are those of the scores
+        sP[key * kRows + r] =
+            p.seed != nullptr
+                ? prob * dropout_factor(drop, uint64_t(rows[r / kGroups].index * p.len_kv + n0 + key), keep_scale)
+                : prob;
       }
     }
     __syncwarp();
@@ -651,18 +683,6 @@ unsigned grid_size(const AttentionParams& p, const Plan& plan) {
   return static_cast<unsigned>(blocks);
 }
 
-// The split-key workspace, released on the stream when the launches are queued (or fail).
-struct Workspace {
-  void* ptr = nullptr;
-  cudaStream_t stream;
-  Workspace(size_t bytes, cudaStream_t s) : stream(s) {
-    check_cuda(cudaMallocAsync(&ptr, bytes, stream), "attention: cudaMallocAsync");
-  }
-  ~Workspace() { cudaFreeAsync(ptr, stream); }
-  Workspace(const Workspace&) = delete;
-  Workspace& operator=(const Workspace&) = delete;
-};
-
 template <class T, int D>
 void run_tc(const AttentionParams& p, Plan plan, cudaStream_t stream) {
   using Shape = TcShape<D>;
@@ -701,7 +721,7 @@ void run_simt(const AttentionParams& p, Plan plan, cudaStream_t stream, bool dec
     return;
   }
   const int64_t partials = p.batch * p.heads_q * p.len_q * plan.chunks;
-  const Workspace workspace(sizeof(C) * size_t(partials * (p.dim_v + 1)), stream);
+  const Workspace workspace(sizeof(C) * size_t(partials * (p.dim_v + 1)), stream);  // the split-key partials
   plan.partial_lse = workspace.ptr;
   plan.partial_out = static_cast<C*>(workspace.ptr) + partials;
   launch(attention_simt_kernel<T, D>, dim3(grid_size(p, plan)), dim3(threads), smem, stream, p, plan);

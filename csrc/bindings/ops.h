@@ -53,6 +53,45 @@ void run(void (*op)(const Params&, const Exec&), const Params& params, int64_t w
 
 inline void* ptr(uintptr_t address) { return reinterpret_cast<void*>(address); }
 
+// The attention problem as the forward and backward bindings receive it.
+inline AttentionParams attention_params(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
+                                        const std::array<int64_t, 7>& sizes, const std::array<int64_t, 3>& q_stride,
+                                        const std::array<int64_t, 3>& k_stride, const std::array<int64_t, 3>& v_stride,
+                                        uintptr_t mask, int mask_dtype, const std::array<int64_t, 4>& mask_stride,
+                                        uintptr_t kv_lens, double scale, int64_t window_left, int64_t window_right,
+                                        bool bottom_right, double dropout_p, uintptr_t seed, int dtype) {
+  AttentionParams p{};
+  p.q = ptr(q);
+  p.k = ptr(k);
+  p.v = ptr(v);
+  p.out = ptr(out);
+  p.lse = static_cast<float*>(ptr(lse));
+  p.batch = sizes[0];
+  p.heads_q = sizes[1];
+  p.heads_kv = sizes[2];
+  p.len_q = sizes[3];
+  p.len_kv = sizes[4];
+  p.dim_qk = sizes[5];
+  p.dim_v = sizes[6];
+  for (int d = 0; d < 3; ++d) {
+    p.q_stride[d] = q_stride[d];
+    p.k_stride[d] = k_stride[d];
+    p.v_stride[d] = v_stride[d];
+  }
+  p.mask = ptr(mask);
+  p.mask_dtype = to_dtype(mask_dtype);
+  for (int d = 0; d < 4; ++d) p.mask_stride[d] = mask_stride[d];
+  p.kv_lens = static_cast<const int32_t*>(ptr(kv_lens));
+  p.scale = scale;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.bottom_right = bottom_right;
+  p.dropout_p = dropout_p;
+  p.seed = static_cast<const int64_t*>(ptr(seed));
+  p.dtype = to_dtype(dtype);
+  return p;
+}
+
 template <class Exec>
 void bind_ops(py::module_& m) {
   m.def("sinusoidal_encoding",
@@ -109,35 +148,32 @@ void bind_ops(py::module_& m) {
         [](int64_t where, uintptr_t stream, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
            std::array<int64_t, 7> sizes, std::array<int64_t, 3> q_stride, std::array<int64_t, 3> k_stride,
            std::array<int64_t, 3> v_stride, uintptr_t mask, int mask_dtype, std::array<int64_t, 4> mask_stride,
-           uintptr_t kv_lens, double scale, int64_t window_left, int64_t window_right, bool bottom_right, int dtype) {
-          AttentionParams p{};
-          p.q = ptr(q);
-          p.k = ptr(k);
-          p.v = ptr(v);
-          p.out = ptr(out);
-          p.lse = static_cast<float*>(ptr(lse));
-          p.batch = sizes[0];
-          p.heads_q = sizes[1];
-          p.heads_kv = sizes[2];
-          p.len_q = sizes[3];
-          p.len_kv = sizes[4];
-          p.dim_qk = sizes[5];
-          p.dim_v = sizes[6];
-          for (int d = 0; d < 3; ++d) {
-            p.q_stride[d] = q_stride[d];
-            p.k_stride[d] = k_stride[d];
-            p.v_stride[d] = v_stride[d];
-          }
-          p.mask = ptr(mask);
-          p.mask_dtype = to_dtype(mask_dtype);
-          for (int d = 0; d < 4; ++d) p.mask_stride[d] = mask_stride[d];
-          p.kv_lens = static_cast<const int32_t*>(ptr(kv_lens));
-          p.scale = scale;
-          p.window_left = window_left;
-          p.window_right = window_right;
-          p.bottom_right = bottom_right;
-          p.dtype = to_dtype(dtype);
+           uintptr_t kv_lens, double scale, int64_t window_left, int64_t window_right, bool bottom_right,
+           double dropout_p, uintptr_t seed, int dtype) {
+          const AttentionParams p =
+              attention_params(q, k, v, out, lse, sizes, q_stride, k_stride, v_stride, mask, mask_dtype, mask_stride,
+                               kv_lens, scale, window_left, window_right, bottom_right, dropout_p, seed, dtype);
           run<Exec>(&attention_forward, p, where, stream);
+        });
+  m.def("attention_backward",
+        [](int64_t where, uintptr_t stream, uintptr_t dout, std::array<int64_t, 3> dout_stride, uintptr_t dlse,
+           uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t dq, uintptr_t dk,
+           uintptr_t dv, uintptr_t dbias, std::array<int64_t, 7> sizes, std::array<int64_t, 3> q_stride,
+           std::array<int64_t, 3> k_stride, std::array<int64_t, 3> v_stride, uintptr_t mask, int mask_dtype,
+           std::array<int64_t, 4> mask_stride, double scale, int64_t window_left, int64_t window_right,
+           bool bottom_right, double dropout_p, uintptr_t seed, int dtype) {
+          AttentionBackwardParams p{};
+          p.fwd = attention_params(q, k, v, out, lse, sizes, q_stride, k_stride, v_stride, mask, mask_dtype,
+                                   mask_stride, 0, scale, window_left, window_right, bottom_right, dropout_p, seed,
+                                   dtype);
+          p.dout = ptr(dout);
+          for (int d = 0; d < 3; ++d) p.dout_stride[d] = dout_stride[d];
+          p.dlse = static_cast<const float*>(ptr(dlse));
+          p.dq = ptr(dq);
+          p.dk = ptr(dk);
+          p.dv = ptr(dv);
+          p.dbias = static_cast<float*>(ptr(dbias));
+          run<Exec>(&attention_backward, p, where, stream);
         });
 }
 

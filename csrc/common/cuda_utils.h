@@ -31,6 +31,17 @@ struct Compute<double> {
 template <class T>
 using compute_t = typename Compute<T>::type;
 
+// Scratch memory for the launches of one call, allocated on the stream and released on it when
+// the launches are queued (or fail).
+struct Workspace {
+  void* ptr = nullptr;
+  cudaStream_t stream;
+  Workspace(size_t bytes, cudaStream_t s) : stream(s) { check_cuda(cudaMallocAsync(&ptr, bytes, stream), "cudaMallocAsync"); }
+  ~Workspace() { cudaFreeAsync(ptr, stream); }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+};
+
 template <class T>
 struct TypeTag {
   using type = T;

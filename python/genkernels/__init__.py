@@ -6,7 +6,7 @@ from __future__ import annotations
 from . import diffusion, reference, schedulers
 from ._backend import emulated_cuda
 from ._info import info
-from .attention import attention_with_kvcache, merge_attention, scaled_dot_product_attention
+from .attention import attention_dropout_mask, attention_with_kvcache, merge_attention, scaled_dot_product_attention
 from .diffusion import NoiseSchedule, ddim_step, ddpm_step, q_sample
 from .positional import add_positional_encoding, sinusoidal_encoding
 from .sampling import gaussian_kl, randn, randn_like, reparameterize
@@ -16,6 +16,7 @@ __all__ = [
     "__version__",
     "NoiseSchedule",
     "add_positional_encoding",
+    "attention_dropout_mask",
     "attention_with_kvcache",
     "ddim_step",
     "ddpm_step",

@@ -1,9 +1,10 @@
 """Scaled dot-product attention (FlashAttention; Dao et al. 2022, 2023) as a drop-in for
-``torch.nn.functional.scaled_dot_product_attention``, with its log-sum-exp, the merging of
-results computed over key/value shards, and key/value-cache decoding.
+``torch.nn.functional.scaled_dot_product_attention``, with its log-sum-exp, dropout, gradients,
+the merging of results computed over key/value shards, and key/value-cache decoding.
 
 The kernels compute ``softmax(scale * q k^T + bias) v`` tile by tile with the online softmax and
-never form the ``L x S`` score matrix.
+never form the ``L x S`` score matrix; the backward pass recomputes the weights from the saved
+log-sum-exp, and dropout regenerates its mask from a Philox seed instead of storing it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from . import _checks
 from ._backend import DTYPE_CODES, launch_for
+from ._rng import draw_seed
 
 ALIGNMENTS = ("top_left", "bottom_right")
 _CPU_EXTRA = (torch.bfloat16,)  # the CPU kernel also takes bfloat16 (accumulating in float32)
@@ -33,48 +35,170 @@ def _attention_forward(
     window_left: int,
     window_right: int,
     bottom_right: bool,
+    dropout_p: float,
+    seed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
     """q (B, Hq, L, E), k (B, H, S, E), v (B, H, S, Ev), mask broadcast to (B, Hq, L, S) by
-    strides, kv_lens (B,) int32: returns out (B, Hq, L, Ev) and lse (B, Hq, L) float32."""
+    strides, kv_lens (B,) int32, seed (2,) int64 for dropout or None: returns out (B, Hq, L, Ev)
+    and lse (B, Hq, L) float32."""
     if q.shape[-1] == 0 or v.shape[-1] == 0:  # empty feature dimensions: nothing for a kernel to read
-        return _attention_without_features(q, k, v, mask, kv_lens, scale, window_left, window_right, bottom_right)
+        return _attention_without_features(q, k, v, mask, kv_lens, scale, window_left, window_right, bottom_right, dropout_p, seed)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    batch, heads_q, len_q, dim_qk = q.shape
-    heads_kv, len_kv, dim_v = k.shape[1], k.shape[2], v.shape[3]
-    out = torch.empty((batch, heads_q, len_q, dim_v), dtype=q.dtype, device=q.device)
+    batch, heads_q, len_q, _ = q.shape
+    out = torch.empty((batch, heads_q, len_q, v.shape[3]), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=q.device)
-    if mask is not None and mask.dtype == torch.bool:
-        mask_code = _BOOL_CODE
-    else:
-        mask_code = DTYPE_CODES[mask.dtype] if mask is not None else DTYPE_CODES[q.dtype]
     run = launch_for(q)
     run.module.attention_forward(
-        run.where, run.stream, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-        [batch, heads_q, heads_kv, len_q, len_kv, dim_qk, dim_v], list(q.stride()[:3]), list(k.stride()[:3]),
-        list(v.stride()[:3]), mask.data_ptr() if mask is not None else 0, mask_code,
-        list(mask.stride()) if mask is not None else [0, 0, 0, 0], kv_lens.data_ptr() if kv_lens is not None else 0,
-        scale, window_left, window_right, bottom_right, DTYPE_CODES[q.dtype],
+        run.where, run.stream, *(t.data_ptr() for t in (q, k, v, out, lse)), *_layout(q, k, v, mask),
+        kv_lens.data_ptr() if kv_lens is not None else 0,
+        scale, window_left, window_right, bottom_right, dropout_p, _seed_ptr(seed), DTYPE_CODES[q.dtype],
     )
     return out, lse
 
 
-def _attention_without_features(q, k, v, mask, kv_lens, scale, window_left, window_right, bottom_right):
+def _layout(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> list:
+    """Sizes, strides and the mask of an attention problem, as the bindings take them."""
+    if mask is not None and mask.dtype == torch.bool:
+        mask_code = _BOOL_CODE
+    else:
+        mask_code = DTYPE_CODES[mask.dtype] if mask is not None else DTYPE_CODES[q.dtype]
+    batch, heads_q, len_q, dim_qk = q.shape
+    heads_kv, len_kv, dim_v = k.shape[1], k.shape[2], v.shape[3]
+    return [
+        [batch, heads_q, heads_kv, len_q, len_kv, dim_qk, dim_v], list(q.stride()[:3]), list(k.stride()[:3]),
+        list(v.stride()[:3]), mask.data_ptr() if mask is not None else 0, mask_code,
+        list(mask.stride()) if mask is not None else [0, 0, 0, 0],
+    ]
+
+
+def _seed_ptr(seed: Optional[Tensor]) -> int:
+    return seed.data_ptr() if seed is not None else 0
+
+
+def _attention_without_features(q, k, v, mask, kv_lens, scale, window_left, window_right, bottom_right, dropout_p, seed):
     """The reference definition, for the degenerate sizes E = 0 or Ev = 0."""
-    from .reference import scaled_dot_product_attention as attention
+    from .reference import attention_dropout_mask, scaled_dot_product_attention as attention
 
     heads_q, heads_kv = q.shape[1], k.shape[1]
+    keep = None
+    if seed is not None:
+        keep = attention_dropout_mask(seed, (q.shape[0], heads_q, q.shape[2], k.shape[2]), dropout_p).to(q.device)
     out, lse = attention(
         q.float(), k.float(), v.float(), attn_mask=mask, scale=scale, enable_gqa=heads_q != heads_kv,
         causal_alignment="bottom_right" if bottom_right else "top_left", window=(window_left, window_right), kv_lens=kv_lens,
+        dropout_mask=keep, dropout_p=dropout_p,
     )
     return out.to(q.dtype).contiguous(), lse.float().contiguous()
 
 
 @_attention_forward.register_fake
-def _(q, k, v, mask, kv_lens, scale, window_left, window_right, bottom_right):
+def _(q, k, v, mask, kv_lens, scale, window_left, window_right, bottom_right, dropout_p, seed):
     batch, heads_q, len_q, _ = q.shape
     out = q.new_empty((batch, heads_q, len_q, v.shape[3]))
     return out, q.new_empty((batch, heads_q, len_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("genkernels::attention_backward", mutates_args=())
+def _attention_backward(
+    dout: Tensor,
+    dlse: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    mask: Optional[Tensor],
+    scale: float,
+    window_left: int,
+    window_right: int,
+    bottom_right: bool,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    mask_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of attention_forward from dout (B, Hq, L, Ev) and dlse (B, Hq, L): dq, dk, dv in
+    the shapes of q, k, v (dk, dv summed over each key/value head's query heads) and, with
+    mask_grad, the gradient of the additive mask as a float32 (B, Hq, L, S) tensor (else empty)."""
+    batch, heads_q, len_q, dim_qk = q.shape
+    heads_kv, len_kv, dim_v = k.shape[1], k.shape[2], v.shape[3]
+    if dim_qk == 0 or dim_v == 0:
+        return _backward_without_features(dout, dlse, q, k, v, mask, scale, window_left, window_right, bottom_right, dropout_p, seed, mask_grad)
+    q, k, v, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, dout))
+    out, lse, dlse = out.contiguous(), lse.contiguous(), dlse.float().contiguous()
+    dq = torch.empty((batch, heads_q, len_q, dim_qk), dtype=q.dtype, device=q.device)
+    dk = torch.empty((batch, heads_kv, len_kv, dim_qk), dtype=q.dtype, device=q.device)
+    dv = torch.empty((batch, heads_kv, len_kv, dim_v), dtype=q.dtype, device=q.device)
+    # Weights outside the band are never visited: their mask gradient stays 0.
+    dbias = torch.zeros((batch, heads_q, len_q, len_kv) if mask_grad else (0,), dtype=torch.float32, device=q.device)
+    run = launch_for(q)
+    run.module.attention_backward(
+        run.where, run.stream, dout.data_ptr(), list(dout.stride()[:3]), dlse.data_ptr(),
+        *(t.data_ptr() for t in (q, k, v, out, lse, dq, dk, dv)), dbias.data_ptr() if mask_grad else 0,
+        *_layout(q, k, v, mask),
+        scale, window_left, window_right, bottom_right, dropout_p, _seed_ptr(seed), DTYPE_CODES[q.dtype],
+    )
+    return dq, dk, dv, dbias
+
+
+def _backward_without_features(dout, dlse, q, k, v, mask, scale, window_left, window_right, bottom_right, dropout_p, seed, mask_grad):
+    """The backward formulas on the reference's weights, for the degenerate sizes E = 0 or
+    Ev = 0 (autograd does not record inside a custom op)."""
+    batch, heads_q, len_q, _ = q.shape
+    heads_kv, len_kv = k.shape[1], k.shape[2]
+    group = heads_q // heads_kv
+    eye = torch.eye(len_kv, device=q.device).expand(batch, heads_kv, len_kv, len_kv)
+    weights, _ = _attention_without_features(q, k, eye, mask, None, scale, window_left, window_right, bottom_right, 0.0, None)
+    weights = weights.float()  # P (B, Hq, L, S)
+    keep = torch.ones_like(weights)
+    if seed is not None:
+        from .reference import attention_dropout_mask
+
+        factor = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
+        keep = attention_dropout_mask(seed, tuple(weights.shape), dropout_p).to(q.device) * factor
+    values = v.float().repeat_interleave(group, 1)
+    dout = dout.float()
+    d_weights = (dout @ values.mT) * keep
+    delta = (dout * ((weights * keep) @ values)).sum(-1) - dlse.float()
+    d_scores = weights * (d_weights - delta.unsqueeze(-1))  # (B, Hq, L, S)
+    dq = scale * d_scores @ k.float().repeat_interleave(group, 1)
+    dk = (scale * d_scores.mT @ q.float()).unflatten(1, (heads_kv, group)).sum(2)
+    dv = ((weights * keep).mT @ dout).unflatten(1, (heads_kv, group)).sum(2)
+    dbias = d_scores.contiguous() if mask_grad else q.new_zeros((0,), dtype=torch.float32)
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), dbias
+
+
+@_attention_backward.register_fake
+def _(dout, dlse, q, k, v, out, lse, mask, scale, window_left, window_right, bottom_right, dropout_p, seed, mask_grad):
+    batch, heads_q, len_q, _ = q.shape
+    dbias_shape = (batch, heads_q, len_q, k.shape[2]) if mask_grad else (0,)
+    return (
+        q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape),
+        q.new_empty(dbias_shape, dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, mask, kv_lens, scale, window_left, window_right, bottom_right, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, mask, seed, out, lse)
+    ctx.attrs = (scale, window_left, window_right, bottom_right, dropout_p)
+    ctx.has_kv_lens = kv_lens is not None
+    ctx.mask_grad = mask is not None and mask.dtype != torch.bool and mask.requires_grad
+
+
+def _backward(ctx, dout: Tensor, dlse: Tensor):
+    if ctx.has_kv_lens:
+        raise RuntimeError("attention with a key/value cache (kv_lens) is not differentiable")
+    q, k, v, mask, seed, out, lse = ctx.saved_tensors
+    scale, window_left, window_right, bottom_right, dropout_p = ctx.attrs
+    dq, dk, dv, dbias = _attention_backward(
+        dout, dlse, q, k, v, out, lse, mask, scale, window_left, window_right, bottom_right, dropout_p, seed, ctx.mask_grad
+    )
+    dmask = dbias.to(mask.dtype) if ctx.mask_grad else None
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None
+
+
+_attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _window(fn: str, window: object) -> tuple[int, int]:
@@ -92,12 +216,10 @@ def _window(fn: str, window: object) -> tuple[int, int]:
 def _merge_leading(t: Tensor, keep: int) -> Tensor:
     """Views t (*lead, rest...) as (prod(lead), rest...) with `keep` trailing dims; a view
     when the strides allow (broadcast masks stay broadcast), a copy otherwise."""
-    lead = t.shape[: t.dim() - keep]
-    batch = math.prod(lead)
-    try:
-        return t.view((batch,) + tuple(t.shape[t.dim() - keep:]))
-    except RuntimeError:
-        return t.reshape((batch,) + tuple(t.shape[t.dim() - keep:]))
+    # reshape views when it can, without raising and catching an exception inside torch (which
+    # aborts a process run under AddressSanitizer's LD_PRELOAD, as the sanitizer tests do).
+    batch = math.prod(t.shape[: t.dim() - keep])
+    return t.reshape((batch,) + tuple(t.shape[t.dim() - keep:]))
 
 
 def scaled_dot_product_attention(
@@ -113,6 +235,7 @@ def scaled_dot_product_attention(
     causal_alignment: str = "top_left",
     window: Optional[Sequence[Optional[int]]] = None,
     return_lse: bool = False,
+    generator: Optional[torch.Generator] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention with the semantics of ``torch.nn.functional.scaled_dot_product_attention``.
 
@@ -130,6 +253,17 @@ def scaled_dot_product_attention(
     ``is_causal``; ``return_lse=True`` also returns the float32 log-sum-exp of each query's
     scores, shape ``(N, ..., Hq, L)``, 0 where no key is attended.
 
+    With ``dropout_p > 0`` each attention weight is dropped with probability ``dropout_p`` and the
+    kept ones are scaled by ``1 / (1 - dropout_p)`` (always, as in PyTorch: pass 0 in
+    evaluation). The mask comes from a Philox stream seeded from ``generator`` (the default
+    generator of the device when None), the same on the CPU and on CUDA, and is regenerated in
+    the backward pass; ``attention_dropout_mask`` returns it. The log-sum-exp is that of the
+    scores, without dropout.
+
+    Differentiable in ``query``, ``key``, ``value`` and an additive float ``attn_mask`` (also
+    through the returned log-sum-exp). The gradients are deterministic: every one is computed
+    by a single thread or block, with no atomics.
+
     Example:
         >>> out = genkernels.scaled_dot_product_attention(q, k, v, is_causal=True)
     """
@@ -140,8 +274,10 @@ def scaled_dot_product_attention(
     tensors = {"query": query, "key": key, "value": value}
     _checks.same_device(fn, tensors)
     _checks.same_dtype(fn, tensors)
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"{fn}(): dropout_p > 0 is not supported by the forward-only kernels yet, got {dropout_p}")
+    dropout_p = _checks.real(fn, "dropout_p", dropout_p)
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{fn}(): argument 'dropout_p' must be in [0, 1], got {dropout_p}")
+    generator = _checks.generator(fn, generator)
     if is_causal and attn_mask is not None:
         raise ValueError(f"{fn}(): pass either 'attn_mask' or 'is_causal', not both")
     alignment = _checks.choice(fn, "causal_alignment", causal_alignment, ALIGNMENTS)
@@ -189,11 +325,40 @@ def scaled_dot_product_attention(
             mask = _merge_leading(attn_mask.expand(full), 3)
         except RuntimeError:
             raise ValueError(f"{fn}(): 'attn_mask' of shape {tuple(attn_mask.shape)} does not broadcast to {tuple(full)}") from None
-    out, lse = _attention_forward(q, k, v, mask, None, scale, window_left, window_right, alignment == "bottom_right")
+    seed = draw_seed(generator, query.device) if dropout_p > 0 else None
+    out, lse = _attention_forward(q, k, v, mask, None, scale, window_left, window_right, alignment == "bottom_right", dropout_p, seed)
     out = out.reshape(lead + query.shape[len(lead):-1] + (value.shape[-1],))
     if return_lse:
         return out, lse.reshape(lead + query.shape[len(lead):-1])
     return out
+
+
+def attention_dropout_mask(
+    query: Tensor, key: Tensor, dropout_p: float, *, generator: Optional[torch.Generator] = None
+) -> Tensor:
+    """The dropout mask that ``scaled_dot_product_attention(query, key, value,
+    dropout_p=dropout_p, generator=generator)`` applies when ``generator`` is in the same state:
+    a bool tensor ``(N, ..., Hq, L, S)``, True where a weight is kept. Draws the seed as that call
+    does (advancing the generator the same way) and evaluates the Philox stream in PyTorch, for
+    tests and debugging; with it, ``genkernels.reference.scaled_dot_product_attention(...,
+    dropout_mask=mask, dropout_p=dropout_p)`` gives the same result as the kernels.
+    """
+    fn = "attention_dropout_mask"
+    query = _checks.float_tensor(fn, "query", query, min_dim=2, cpu_extra=_CPU_EXTRA)
+    key = _checks.float_tensor(fn, "key", key, min_dim=2, cpu_extra=_CPU_EXTRA)
+    dropout_p = _checks.real(fn, "dropout_p", dropout_p)
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{fn}(): argument 'dropout_p' must be in [0, 1], got {dropout_p}")
+    from .reference import attention_dropout_mask as reference_mask
+
+    lead_q = query.shape[:-3] if query.dim() >= 3 else torch.Size()
+    lead_k = key.shape[:-3] if key.dim() >= 3 else torch.Size()
+    lead = torch.broadcast_shapes(lead_q, lead_k)
+    heads_q = query.shape[-3] if query.dim() >= 3 else 1
+    seed = draw_seed(_checks.generator(fn, generator), query.device)
+    shape = (math.prod(lead), heads_q, query.shape[-2], key.shape[-2])
+    mask = reference_mask(seed, shape, dropout_p)
+    return mask.reshape(lead + query.shape[len(lead):-1] + (key.shape[-2],)).to(query.device)
 
 
 def merge_attention(outputs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -280,5 +445,5 @@ def attention_with_kvcache(
         value_cache[rows, :, positions] = value.transpose(1, 2).to(value_cache.dtype)
     kv_lens = (lengths + appended).to(torch.int32)
     scale = 1.0 / math.sqrt(dim) if scale is None else _checks.real(fn, "scale", scale)
-    out, _ = _attention_forward(query, key_cache, value_cache, None, kv_lens, scale, -1, 0 if causal else -1, True)
+    out, _ = _attention_forward(query, key_cache, value_cache, None, kv_lens, scale, -1, 0 if causal else -1, True, 0.0, None)
     return out

@@ -234,6 +234,42 @@ def _diffusion_case(name: str, kind: str, target: Target) -> Case:
     )
 
 
+def _qkv_dout(device: torch.device, b: int, h: int, l: int, s: int, e: int) -> tuple[Tensor, ...]:
+    q, k, v = (t.requires_grad_() for t in _qkv(device, b, h, l, s, e))
+    return q, k, v, torch.randn(b, h, l, e, generator=_generator(device), device=device)
+
+
+def _training_step(attention: Callable[..., Tensor], causal: bool) -> Callable[..., Tensor]:
+    """Forward and backward of `attention`; returns dq (dk and dv are computed too)."""
+
+    def step(q: Tensor, k: Tensor, v: Tensor, dout: Tensor) -> Tensor:
+        out = attention(q, k, v, is_causal=causal)
+        return torch.autograd.grad(out, (q, k, v), dout)[0]
+
+    return step
+
+
+def _attention_training_case(name: str, causal: bool, full: Sizes, quick: Sizes, target: Target) -> Case:
+    """Attention forward plus backward (gradients of q, k and v), beside PyTorch's
+    scaled_dot_product_attention and its backward. Flops: the forward's 2 matrix products and
+    the backward's 5 (recomputed scores, dP, dV, dK, dQ), 2 l s e each (half when causal)."""
+    return Case(
+        name=name,
+        shape="B{b} H{h} L{l} S{s} E{e}",
+        inputs=_qkv_dout,
+        genkernels=_training_step(scaled_dot_product_attention, causal),
+        reference=_training_step(torch.nn.functional.scaled_dot_product_attention, causal),
+        # Forward: q, k, v read, out written (2l + 2s rows); backward: q, k, v, out, dout read and
+        # dq, dk, dv written (4l + 4s rows).
+        bytes_moved=lambda b, h, l, s, e: F32 * b * h * e * (6 * l + 6 * s),
+        flops=lambda b, h, l, s, e: 14.0 * b * h * l * s * e * (0.5 if causal else 1.0),
+        full=full,
+        quick=quick,
+        tiny=dict(b=1, h=1, l=4, s=4, e=4),
+        target=target,
+    )
+
+
 CASES: list[Case] = [
     Case(
         name="reparameterize",
@@ -326,6 +362,8 @@ CASES: list[Case] = [
     _attention_case("attention_causal", True, dict(b=4, h=12, l=1024, s=1024, e=64), dict(b=1, h=2, l=128, s=128, e=64), Target(speedup=1.8)),
     _attention_case("attention_causal_long", True, dict(b=1, h=16, l=4096, s=4096, e=64), dict(b=1, h=2, l=256, s=256, e=64), Target(speedup=1.8)),
     _attention_case("attention_decode", False, dict(b=8, h=12, l=1, s=2048, e=64), dict(b=2, h=2, l=1, s=256, e=64), Target(speedup=3.0, bandwidth=0.6)),
+    _attention_training_case("attention_train", False, dict(b=4, h=12, l=1024, s=1024, e=64), dict(b=1, h=2, l=128, s=128, e=64), Target(speedup=1.0)),
+    _attention_training_case("attention_train_causal", True, dict(b=4, h=12, l=1024, s=1024, e=64), dict(b=1, h=2, l=128, s=128, e=64), Target(speedup=1.6)),
 ]
 """The op benchmarks, in the order they are run and printed."""
 

@@ -122,10 +122,14 @@ def scaled_dot_product_attention(
     causal_alignment: str = "top_left",
     window: Optional[tuple] = None,
     kv_lens: Optional[Tensor] = None,
+    dropout_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Attention by its definition, returning (output, lse): scores = scale q k^T + bias over the
-    allowed keys, softmax, times v; rows with no allowed key give 0 output and 0 lse. Computed in
-    the inputs' dtype (pass float64 for an oracle)."""
+    allowed keys, softmax, times v; rows with no allowed key give 0 output and 0 lse. With a
+    boolean ``dropout_mask`` (True = keep, broadcast to the weights), the weights are multiplied
+    by it and by 1 / (1 - dropout_p) before v; lse is unchanged. Computed in the inputs' dtype
+    (pass float64 for an oracle)."""
     len_q, len_kv = query.shape[-2], key.shape[-2]
     if enable_gqa and query.dim() >= 3 and query.shape[-3] != key.shape[-3]:
         repeat = query.shape[-3] // key.shape[-3]
@@ -157,8 +161,26 @@ def scaled_dot_product_attention(
     lse = torch.logsumexp(scores, dim=-1)
     empty = torch.isneginf(lse)
     weights = torch.exp(scores - torch.where(empty, torch.zeros_like(lse), lse).unsqueeze(-1))
+    if dropout_mask is not None:
+        weights = weights * dropout_mask * (1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0)
     out = weights @ value
     return out, torch.where(empty, torch.zeros_like(lse), lse)
+
+
+def attention_dropout_mask(seed: Tensor, shape: tuple[int, int, int, int], dropout_p: float) -> Tensor:
+    """The keep-mask (bool, ``shape`` = (B, Hq, L, S)) of attention dropout with probability
+    ``dropout_p`` under the seed tensor ``[key, offset]``: weight e (row-major index) is kept
+    when word e % 4 of Philox4x32-10(counter (e // 4, offset), key) is >= round(p * 2^32)."""
+    key, offset = (int(x) & 0xFFFFFFFFFFFFFFFF for x in seed.cpu().tolist())
+    n = math.prod(shape)
+    groups = torch.arange((n + 3) // 4, dtype=torch.int64)
+    counter = torch.stack(
+        [groups & _MASK32, groups >> 32, torch.full_like(groups, offset & _MASK32), torch.full_like(groups, offset >> 32)],
+        dim=-1,
+    )
+    words = philox4x32_10(counter, (key & _MASK32, key >> 32)).reshape(-1)[:n]
+    threshold = int(dropout_p * 4294967296.0 + 0.5)
+    return (words >= threshold).reshape(shape)
 
 
 # ------------------------------------------------------------------------------ diffusion
