@@ -15,6 +15,7 @@
 
 #include "attention/attention.h"
 #include "common/exec.h"
+#include "diffusion/diffusion.h"
 #include "posenc/posenc.h"
 #include "sampling/sampling.h"
 
@@ -84,6 +85,26 @@ void bind_ops(py::module_& m) {
     run<Exec>(&gaussian_kl, p, where, stream);
   });
   m.attr("KL_CHUNK") = kKlChunk;
+  m.def("q_sample", [](int64_t where, uintptr_t stream, uintptr_t x_t, uintptr_t noise, uintptr_t velocity,
+                       uintptr_t x0, uintptr_t coeffs, int64_t batch, int64_t row, bool noise_given, int dtype,
+                       uintptr_t seed) {
+    const QSampleParams p{ptr(x_t), ptr(noise), ptr(velocity), ptr(x0), static_cast<const double*>(ptr(coeffs)),
+                          batch, row, noise_given, to_dtype(dtype), static_cast<const int64_t*>(ptr(seed))};
+    run<Exec>(&q_sample, p, where, stream);
+  });
+  m.def("diffusion_step",
+        [](int64_t where, uintptr_t stream, uintptr_t prev, uintptr_t x0, uintptr_t sample, uintptr_t model,
+           uintptr_t model_cond, uintptr_t variance, int variance_input, uintptr_t prev_x0, uintptr_t noise,
+           uintptr_t coeffs, int64_t batch, int64_t row, int dtype, uintptr_t seed) {
+          require(variance_input >= 0 && variance_input <= 2, "diffusion_step: unknown variance input");
+          const DiffusionStepParams p{ptr(prev), ptr(x0), ptr(sample), ptr(model), ptr(model_cond), ptr(variance),
+                                      ptr(prev_x0), ptr(noise), static_cast<const double*>(ptr(coeffs)), batch, row,
+                                      static_cast<VarianceInput>(variance_input), to_dtype(dtype),
+                                      static_cast<const int64_t*>(ptr(seed))};
+          run<Exec>(&diffusion_step, p, where, stream);
+        });
+  m.attr("Q_SAMPLE_COEFFS") = static_cast<int>(kQCoeffs);
+  m.attr("STEP_COEFFS") = static_cast<int>(kStepCoeffs);
   m.def("attention_forward",
         [](int64_t where, uintptr_t stream, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
            std::array<int64_t, 7> sizes, std::array<int64_t, 3> q_stride, std::array<int64_t, 3> k_stride,

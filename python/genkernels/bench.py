@@ -38,6 +38,7 @@ from torch import Tensor
 
 from . import reference
 from .attention import scaled_dot_product_attention
+from .diffusion import q_sample
 from .positional import add_positional_encoding, sinusoidal_encoding
 from .sampling import gaussian_kl, randn_like, reparameterize
 
@@ -169,6 +170,73 @@ def _attention_case(name: str, causal: bool, full: Sizes, quick: Sizes, target: 
     )
 
 
+_SCHEDULERS: dict[str, Any] = {}
+
+
+def _scheduler(library: str, kind: str) -> Any:
+    """A DDPM or DDIM scheduler with 50 inference steps from genkernels or diffusers (the
+    baseline, when installed; else None), made once."""
+    key = f"{library}.{kind}"
+    if key not in _SCHEDULERS:
+        if library == "diffusers":
+            try:
+                import diffusers
+            except ImportError:
+                return None
+            module = diffusers
+        else:
+            from . import schedulers as module
+        scheduler = getattr(module, f"{kind}Scheduler")(clip_sample=False)
+        scheduler.set_timesteps(50)
+        _SCHEDULERS[key] = scheduler
+    return _SCHEDULERS[key]
+
+
+def _latents(device: torch.device, b: int, c: int, hw: int) -> tuple[Tensor, Tensor]:
+    x = torch.randn(b, c, hw, hw, generator=_generator(device), device=device)
+    return torch.randn_like(x), x
+
+
+def _step_baseline(kind: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """diffusers' step at t = 500, or the pure-PyTorch formulas without diffusers."""
+    def step(m: Tensor, x: Tensor) -> Tensor:
+        theirs = _scheduler("diffusers", kind)
+        if theirs is not None:
+            return theirs.step(m, 500, x).prev_sample
+        abar = _scheduler("genkernels", kind).schedule._abar64.cpu()
+        t = torch.full((x.shape[0],), 500)
+        if kind == "DDPM":
+            return reference.ddpm_step(m, t, t - 20, x, abar, torch.randn_like(x), clip=None)[0].float()
+        return reference.ddim_step(m, t, t - 20, x, abar, torch.zeros(1))[0].float()
+    return step
+
+
+def _noised_baseline(x0: Tensor, t: Tensor) -> Tensor:
+    """randn_like plus diffusers' add_noise (or its formula without diffusers)."""
+    noise = torch.randn_like(x0)
+    theirs = _scheduler("diffusers", "DDPM")
+    if theirs is not None:
+        return theirs.add_noise(x0, noise, t)
+    return reference.q_sample(x0, t.cpu(), _scheduler("genkernels", "DDPM").schedule._abar64.cpu(), noise)[0].float()
+
+
+def _diffusion_case(name: str, kind: str, target: Target) -> Case:
+    return Case(
+        name=name,
+        shape="({b}, {c}, {hw}, {hw})",
+        inputs=_latents,
+        genkernels=lambda m, x: _scheduler("genkernels", kind).step(m, 500, x).prev_sample,
+        reference=_step_baseline(kind),
+        # model output and sample read; prev_sample and pred_original_sample written
+        bytes_moved=lambda b, c, hw: 4 * F32 * b * c * hw * hw,
+        full=dict(b=64, c=4, hw=64),
+        quick=dict(b=2, c=4, hw=16),
+        tiny=dict(b=1, c=1, hw=4),
+        target=target,
+        exact=kind == "DDIM",
+    )
+
+
 CASES: list[Case] = [
     Case(
         name="reparameterize",
@@ -242,6 +310,21 @@ CASES: list[Case] = [
         quick=dict(n=256, dim=320),
         tiny=dict(n=1, dim=16),
     ),
+    Case(
+        name="q_sample",
+        shape="({b}, {c}, {hw}, {hw})",
+        inputs=lambda device, b, c, hw: (_latents(device, b, c, hw)[1], torch.randint(0, 1000, (b,), device=device)),
+        genkernels=lambda x0, t: q_sample(x0, t, _scheduler("genkernels", "DDPM").schedule)[0],
+        reference=_noised_baseline,
+        bytes_moved=lambda b, c, hw: 3 * F32 * b * c * hw * hw,  # x0 read; x_t and the noise written
+        full=dict(b=64, c=4, hw=64),
+        quick=dict(b=2, c=4, hw=16),
+        tiny=dict(b=1, c=1, hw=4),
+        target=Target(speedup=3, bandwidth=0.5),
+        exact=False,
+    ),
+    _diffusion_case("ddpm_step", "DDPM", Target(speedup=5, bandwidth=0.5)),
+    _diffusion_case("ddim_step", "DDIM", Target(speedup=2, bandwidth=0.5)),
     _attention_case("attention", False, dict(b=4, h=12, l=1024, s=1024, e=64), dict(b=1, h=2, l=128, s=128, e=64), Target(speedup=1.0)),
     _attention_case("attention_causal", True, dict(b=4, h=12, l=1024, s=1024, e=64), dict(b=1, h=2, l=128, s=128, e=64), Target(speedup=1.8)),
     _attention_case("attention_causal_long", True, dict(b=1, h=16, l=4096, s=4096, e=64), dict(b=1, h=2, l=256, s=256, e=64), Target(speedup=1.8)),

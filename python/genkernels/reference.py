@@ -159,3 +159,101 @@ def scaled_dot_product_attention(
     weights = torch.exp(scores - torch.where(empty, torch.zeros_like(lse), lse).unsqueeze(-1))
     out = weights @ value
     return out, torch.where(empty, torch.zeros_like(lse), lse)
+
+
+# ------------------------------------------------------------------------------ diffusion
+# diffusers' formulas (DDPMScheduler, DDIMScheduler) with one timestep per sample, evaluated in
+# float64 from `alphas_cumprod` (float64, e.g. torch.cumprod(1 - betas, 0)); t_prev < 0 means the
+# end of the chain, where abar_prev is `final` (1, or abar_0 for DDIM without set_alpha_to_one).
+
+
+def _per_sample(values: Tensor, like: Tensor) -> Tensor:
+    return values.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _abar(alphas_cumprod: Tensor, t: Tensor, like: Tensor, final: float = 1.0) -> Tensor:
+    values = torch.where(t >= 0, alphas_cumprod[t.clamp(min=0)], torch.tensor(final, dtype=torch.float64))
+    return _per_sample(values, like)
+
+
+def q_sample(x0: Tensor, t: Tensor, alphas_cumprod: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """(x_t, v): sqrt(abar) x0 + sqrt(1 - abar) noise and sqrt(abar) noise - sqrt(1 - abar) x0."""
+    x0, noise = x0.double(), noise.double()
+    abar = _abar(alphas_cumprod, t, x0)
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, abar.sqrt() * noise - (1 - abar).sqrt() * x0
+
+
+def _predict_x0(model_output: Tensor, sample: Tensor, abar: Tensor, prediction_type: str) -> Tensor:
+    if prediction_type == "epsilon":
+        return (sample - (1 - abar).sqrt() * model_output) / abar.sqrt()
+    if prediction_type == "v_prediction":
+        return abar.sqrt() * sample - (1 - abar).sqrt() * model_output
+    return model_output
+
+
+def _limit_x0(x0: Tensor, clip: Optional[float], threshold: Optional[tuple[float, float]]) -> Tensor:
+    if threshold is not None:
+        ratio, max_value = threshold
+        s = torch.quantile(x0.reshape(x0.shape[0], -1).abs(), ratio, dim=1).clamp(1.0, max_value)
+        s = _per_sample(s, x0)
+        return torch.clamp(x0, -s, s) / s
+    return x0.clamp(-clip, clip) if clip is not None else x0
+
+
+def ddpm_step(
+    model_output: Tensor, t: Tensor, t_prev: Tensor, sample: Tensor, alphas_cumprod: Tensor, noise: Tensor, *,
+    prediction_type: str = "epsilon", variance_type: str = "fixed_small", clip: Optional[float] = 1.0,
+    threshold: Optional[tuple[float, float]] = None, predicted_variance: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """(prev_sample, pred_original_sample) of DDPMScheduler.step; fixed_large_log uses sqrt(beta)."""
+    m, x, noise = model_output.double(), sample.double(), noise.double()
+    abar, abar_prev = _abar(alphas_cumprod, t, x), _abar(alphas_cumprod, t_prev, x)
+    alpha = abar / abar_prev
+    beta = 1 - alpha
+    x0 = _limit_x0(_predict_x0(m, x, abar, prediction_type), clip, threshold)
+    mean = (abar_prev.sqrt() * beta / (1 - abar)) * x0 + (alpha.sqrt() * (1 - abar_prev) / (1 - abar)) * x
+    variance = ((1 - abar_prev) / (1 - abar) * beta).clamp(min=1e-20)
+    if variance_type in ("fixed_small", "fixed_small_log"):
+        std = variance.sqrt()
+    elif variance_type in ("fixed_large", "fixed_large_log"):
+        std = beta.sqrt()
+    elif variance_type == "learned":
+        std = predicted_variance.double().sqrt()
+    else:
+        frac = (predicted_variance.double() + 1) / 2
+        std = torch.exp(0.5 * (frac * beta.log() + (1 - frac) * variance.log()))
+    return mean + std * _per_sample(t > 0, x) * noise, x0
+
+
+def ddim_step(
+    model_output: Tensor, t: Tensor, t_prev: Tensor, sample: Tensor, alphas_cumprod: Tensor, noise: Tensor, *,
+    eta: float = 0.0, prediction_type: str = "epsilon", clip: Optional[float] = None,
+    threshold: Optional[tuple[float, float]] = None, use_clipped_model_output: bool = False, final: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """(prev_sample, pred_original_sample) of DDIMScheduler.step for an explicit previous timestep."""
+    m, x, noise = model_output.double(), sample.double(), noise.double()
+    abar, abar_prev = _abar(alphas_cumprod, t, x), _abar(alphas_cumprod, t_prev, x, final)
+    x0 = _predict_x0(m, x, abar, prediction_type)
+    if prediction_type == "epsilon":
+        eps = m
+    elif prediction_type == "v_prediction":
+        eps = abar.sqrt() * m + (1 - abar).sqrt() * x
+    else:
+        eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+    x0 = _limit_x0(x0, clip, threshold)
+    if use_clipped_model_output:
+        eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+    std = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+    prev = abar_prev.sqrt() * x0 + (1 - abar_prev - std**2).sqrt() * eps
+    return prev + std * noise, x0
+
+
+def guided(uncond: Tensor, cond: Tensor, scale: float, rescale: float = 0.0) -> Tensor:
+    """Classifier-free guidance with diffusers' rescale_noise_cfg (Lin et al. 2023, sec. 3.4)."""
+    uncond, cond = uncond.double(), cond.double()
+    cfg = uncond + scale * (cond - uncond)
+    if rescale == 0.0:
+        return cfg
+    dims = list(range(1, cond.dim()))
+    ratio = cond.std(dim=dims, keepdim=True) / cfg.std(dim=dims, keepdim=True)
+    return rescale * (cfg * ratio) + (1 - rescale) * cfg

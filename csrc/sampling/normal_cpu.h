@@ -1,0 +1,105 @@
+// Standard normals of the Philox stream in blocks, for CPU kernels that draw noise in-kernel.
+// Include only from per-instruction-set kernel files: everything here lands in gk::<isa> with
+// internal linkage (the ODR rule of common/cpu_isa.h).
+#pragma once
+
+#include <cstring>
+
+#include "common/cpu_intrinsics.h"
+#include "common/parallel.h"
+#include "common/philox.h"
+
+namespace gk {
+namespace GK_ISA {
+namespace {
+
+// Philox words for several counters at once. x86 has no 32-bit high multiply, and the
+// compiler's widening of the scalar form costs twice the even/odd 32x32->64 multiplies below.
+#if defined(__AVX512F__)
+GK_INTRINSICS_BEGIN
+constexpr int kLanes = 16;
+typedef uint32_t Words __attribute__((vector_size(64)));
+struct WordsMulHiLo {
+  void operator()(Words a, uint32_t m, Words& hi, Words& lo) const {
+    const __m512i av = reinterpret_cast<__m512i>(a), mv = _mm512_set1_epi32(static_cast<int>(m));
+    const __m512i even = _mm512_mul_epu32(av, mv), odd = _mm512_mul_epu32(_mm512_srli_epi64(av, 32), mv);
+    lo = reinterpret_cast<Words>(_mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32)));
+    hi = reinterpret_cast<Words>(_mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd));
+  }
+};
+GK_INTRINSICS_END
+#elif defined(__AVX2__)
+constexpr int kLanes = 8;
+typedef uint32_t Words __attribute__((vector_size(32)));
+struct WordsMulHiLo {
+  void operator()(Words a, uint32_t m, Words& hi, Words& lo) const {
+    const __m256i av = reinterpret_cast<__m256i>(a), mv = _mm256_set1_epi32(static_cast<int>(m));
+    const __m256i even = _mm256_mul_epu32(av, mv), odd = _mm256_mul_epu32(_mm256_srli_epi64(av, 32), mv);
+    lo = reinterpret_cast<Words>(_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA));
+    hi = reinterpret_cast<Words>(_mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA));
+  }
+};
+#else
+constexpr int kLanes = 1;
+using Words = uint32_t;
+using WordsMulHiLo = MulHiLo32;
+#endif
+
+Words broadcast(uint32_t x) {
+  Words w = Words{} + x;
+  return w;
+}
+
+Words lane_index() {
+  Words w = Words{};
+  for (int i = 0; i < kLanes; ++i) reinterpret_cast<uint32_t*>(&w)[i] = static_cast<uint32_t>(i);
+  return w;
+}
+
+// Counter groups (4 normals each) generated per step, in structure-of-arrays form so that the
+// Box-Muller loop vectorises. Blocks start at multiples of kBlockGroups, so the low counter
+// word never carries within a block.
+constexpr int64_t kBlockGroups = 256;
+constexpr int64_t kBlock = 4 * kBlockGroups;
+static_assert(kBlockGroups % kLanes == 0, "whole vectors per block");
+
+// eps[0, kBlock) = the normals of groups [first, first + kBlockGroups) of stream (key, offset).
+void normal_block(uint64_t key, uint64_t offset, uint64_t first, float* eps) {
+  uint32_t words[4][kBlockGroups];
+  const Philox4 ctr = philox_counter(first, offset);
+  const Words lanes = lane_index();
+  for (int64_t g = 0; g < kBlockGroups; g += kLanes) {
+    Words c[4] = {broadcast(ctr.v[0] + static_cast<uint32_t>(g)) + lanes, broadcast(ctr.v[1]), broadcast(ctr.v[2]),
+                  broadcast(ctr.v[3])};
+    philox_rounds(c[0], c[1], c[2], c[3], broadcast(static_cast<uint32_t>(key)), broadcast(static_cast<uint32_t>(key >> 32)),
+                  WordsMulHiLo());
+    for (int k = 0; k < 4; ++k) std::memcpy(&words[k][g], &c[k], sizeof(Words));
+  }
+  float z[4][kBlockGroups];
+  for (int64_t g = 0; g < kBlockGroups; ++g) {
+    box_muller(words[0][g], words[1][g], &z[0][g], &z[1][g]);
+    box_muller(words[2][g], words[3][g], &z[2][g], &z[3][g]);
+  }
+  for (int64_t g = 0; g < kBlockGroups; ++g)
+    for (int k = 0; k < 4; ++k) eps[4 * g + k] = z[k][g];
+}
+
+// Calls consume(first, count, eps) over consecutive blocks of the stream's normals covering
+// elements [0, n), in parallel; eps[j] is the normal of element first + j.
+template <class Consume>
+void for_each_normal_block(int64_t n, const int64_t* seed, int threads, Consume&& consume) {
+  const uint64_t key = static_cast<uint64_t>(seed[0]), offset = static_cast<uint64_t>(seed[1]);
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  parallel_for(blocks, 4, threads, [&](int64_t begin, int64_t end) {
+    float eps[kBlock];
+    for (int64_t b = begin; b < end; ++b) {
+      normal_block(key, offset, static_cast<uint64_t>(b) * kBlockGroups, eps);
+      const int64_t first = b * kBlock;
+      consume(first, n - first < kBlock ? n - first : kBlock, static_cast<const float*>(eps));
+    }
+  });
+}
+
+}  // namespace
+}  // namespace GK_ISA
+}  // namespace gk
