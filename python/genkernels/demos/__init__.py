@@ -24,7 +24,13 @@ import torch
 from ..models import save_checkpoint
 from .png import plot_lines, write_png
 
-DEMOS = {"gpt": "genkernels.demos.gpt:GPTDemo", "vae": "genkernels.demos.vae:VAEDemo", "gan": "genkernels.demos.gan:GANDemo"}
+DEMOS = {
+    "gpt": "genkernels.demos.gpt:GPTDemo",
+    "vae": "genkernels.demos.vae:VAEDemo",
+    "gan": "genkernels.demos.gan:GANDemo",
+    "diffusion": "genkernels.demos.diffusion:DiffusionDemo",
+    "latent-diffusion": "genkernels.demos.diffusion:LatentDiffusionDemo",
+}
 """Demo name -> "module:class", imported only when that demo runs."""
 
 
@@ -36,8 +42,8 @@ class Demo(ABC):
     unit: ClassVar[str]  # what throughput counts: "tokens", "images"
     eval_every: ClassVar[int]  # steps between held-out evaluations
 
-    def __init__(self, device: torch.device, backend: str, steps: int) -> None:
-        self.device, self.backend, self.steps = device, backend, steps
+    def __init__(self, device: torch.device, backend: str, steps: int, out: str) -> None:
+        self.device, self.backend, self.steps, self.out = device, backend, steps, out
         self.data_generator = torch.Generator().manual_seed(1)  # batches; saved with the checkpoint
         self.model: torch.nn.Module
         self.optimizers: dict[str, torch.optim.Optimizer]
@@ -117,7 +123,7 @@ def run(name: str, steps: Optional[int] = None, device: str = "cpu", out: str = 
     os.makedirs(out, exist_ok=True)
     checkpoint = os.path.join(out, f"{name}.pt")
     torch.manual_seed(seed)
-    demo = cls(torch.device(device), backend, steps)
+    demo = cls(torch.device(device), backend, steps, out)
     start, history, evals = 0, [], []
     if resume:
         if not os.path.exists(checkpoint):

@@ -33,8 +33,8 @@ class GANDemo(Demo):
     batch_size = 64
     config = GANConfig(image_size=16, latent_dim=32, width=64)
 
-    def __init__(self, device: torch.device, backend: str, steps: int) -> None:
-        super().__init__(device, backend, steps)
+    def __init__(self, device: torch.device, backend: str, steps: int, out: str) -> None:
+        super().__init__(device, backend, steps, out)
         digits = load_digits()
         # All 1,797 digits: a GAN has no held-out loss; its samples are judged by the classifier.
         images = torch.cat([digits.train_images, digits.test_images])

@@ -29,8 +29,8 @@ class GPTDemo(Demo):
     eval_windows = 64  # held-out windows of block_size + 1 characters, spread over the held-out text
     config = GPTConfig(vocab_size=len(VOCAB), block_size=128, n_layer=4, n_head=4, d_model=128)
 
-    def __init__(self, device: torch.device, backend: str, steps: int) -> None:
-        super().__init__(device, backend, steps)
+    def __init__(self, device: torch.device, backend: str, steps: int, out: str) -> None:
+        super().__init__(device, backend, steps, out)
         self.corpus = python_source_corpus()
         self.model = GPT(self.config, backend=backend).to(device)
         self.optimizers = {"adamw": torch.optim.AdamW(self.model.parameters(), lr=3e-3, betas=(0.9, 0.99), weight_decay=0.01)}

@@ -25,8 +25,8 @@ class VAEDemo(Demo):
     batch_size = 128
     config = VAEConfig(image_size=8, latent_dim=8, hidden=256, beta=1.0)
 
-    def __init__(self, device: torch.device, backend: str, steps: int) -> None:
-        super().__init__(device, backend, steps)
+    def __init__(self, device: torch.device, backend: str, steps: int, out: str) -> None:
+        super().__init__(device, backend, steps, out)
         self.digits = load_digits()
         self.train_images = self.digits.train_images.to(device)
         self.test_images = self.digits.test_images.to(device)

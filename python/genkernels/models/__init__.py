@@ -1,4 +1,5 @@
-"""Generative models composed from the genkernels ops: `GPT`, `VAE` and `GAN`.
+"""Generative models composed from the genkernels ops: `GPT`, `VAE`, `GAN`, `DiffusionModel` and
+`LatentDiffusion`.
 
 Each model is a ``torch.nn.Module`` built from a config dataclass and a ``backend``:
 ``"genkernels"`` (default; our custom ops) or ``"torch"`` (the pure-PyTorch ops of
@@ -17,11 +18,16 @@ import torch
 from torch import nn
 
 from ._ops import BACKENDS
+from .diffusion import DiffusionConfig, DiffusionModel
 from .gan import GAN, GANConfig
 from .gpt import GPT, GPTConfig
+from .latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from .vae import VAE, VAEConfig
 
-MODELS: dict[str, tuple[type[nn.Module], type]] = {"GPT": (GPT, GPTConfig), "VAE": (VAE, VAEConfig), "GAN": (GAN, GANConfig)}
+MODELS: dict[str, tuple[type[nn.Module], type]] = {
+    "GPT": (GPT, GPTConfig), "VAE": (VAE, VAEConfig), "GAN": (GAN, GANConfig),
+    "DiffusionModel": (DiffusionModel, DiffusionConfig), "LatentDiffusion": (LatentDiffusion, LatentDiffusionConfig),
+}
 """Model class and config class by class name (what a checkpoint records)."""
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -45,4 +51,7 @@ def load_checkpoint(path: PathLike, backend: str = "genkernels", map_location: A
     return model, state
 
 
-__all__ = ["BACKENDS", "GAN", "GANConfig", "GPT", "GPTConfig", "MODELS", "VAE", "VAEConfig", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "BACKENDS", "DiffusionConfig", "DiffusionModel", "GAN", "GANConfig", "GPT", "GPTConfig", "LatentDiffusion",
+    "LatentDiffusionConfig", "MODELS", "VAE", "VAEConfig", "load_checkpoint", "save_checkpoint",
+]

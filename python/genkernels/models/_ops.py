@@ -10,13 +10,15 @@ weights and seeds; only floating-point rounding differs.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from .. import attention, positional, reference, sampling
 from .._rng import draw_seed
+from ..diffusion import NoiseSchedule, q_sample
+from ..schedulers import DDIMScheduler, DDPMScheduler
 
 BACKENDS = ("genkernels", "torch")
 _MASK32 = 0xFFFFFFFF
@@ -67,11 +69,11 @@ class Ops:
         fn = positional.sinusoidal_encoding if self.fast else reference.sinusoidal_encoding
         return fn(positions, dim, **kwargs)
 
-    def causal_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Causal self-attention of ``(B, H, L, E)`` queries, keys and values."""
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor:
+        """Self-attention of ``(B, H, L, E)`` queries, keys and values, causal (top-left) or not."""
         if self.fast:
-            return attention.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return reference.scaled_dot_product_attention(q, k, v, is_causal=True)[0]
+            return attention.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return reference.scaled_dot_product_attention(q, k, v, is_causal=causal)[0]
 
     def attention_with_kvcache(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Writes ``k``/``v`` ``(B, H, L_new, E)`` into the caches at each sequence's length, then
@@ -106,3 +108,35 @@ class Ops:
         """KL divergence of ``N(mu, exp(logvar))`` to ``N(0, I)``."""
         fn = sampling.gaussian_kl if self.fast else reference.gaussian_kl
         return fn(mu, logvar, reduction=reduction)
+
+    def q_sample(self, x0: Tensor, t: Tensor, schedule: NoiseSchedule, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+        """``(x_t, noise)``: ``x0`` noised to the timesteps ``t`` ``(B,)`` of ``schedule``."""
+        if self.fast:
+            return q_sample(x0, t, schedule, generator=generator)
+        noise = _philox_normal(x0.shape, draw_seed(generator, x0.device), x0.dtype)
+        x_t, _ = reference.q_sample(x0, t, schedule.alphas_cumprod.double(), noise)
+        return x_t.to(x0.dtype), noise
+
+    def scheduler_step(self, scheduler: Union[DDPMScheduler, DDIMScheduler], model_output: Union[Tensor, tuple[Tensor, Tensor]],
+                       t: Tensor, sample: Tensor, guidance_scale: Optional[float] = None,
+                       generator: Optional[torch.Generator] = None) -> Tensor:
+        """``x_{t_prev}`` from ``sample`` at timesteps ``t`` ``(B,)``: one step of ``scheduler``
+        (DDPM, or deterministic DDIM), with classifier-free guidance when ``model_output`` is
+        ``(uncond, cond)``."""
+        if self.fast:
+            return scheduler.step(model_output, t, sample, generator=generator, guidance_scale=guidance_scale).prev_sample
+        if not isinstance(model_output, Tensor):
+            model_output = reference.guided(model_output[0], model_output[1], guidance_scale)
+        config = scheduler.config
+        abar = scheduler.schedule.alphas_cumprod.double()
+        t_prev = scheduler.previous_timestep(t).to(sample.device)
+        clip = config.clip_sample_range if config.clip_sample else None
+        if isinstance(scheduler, DDPMScheduler):
+            noise = _philox_normal(sample.shape, draw_seed(generator, sample.device), sample.dtype)
+            prev, _ = reference.ddpm_step(model_output, t, t_prev, sample, abar, noise, prediction_type=config.prediction_type,
+                                          variance_type=scheduler.variance_type, clip=clip)
+        else:
+            final = 1.0 if config.set_alpha_to_one else float(abar[0])
+            prev, _ = reference.ddim_step(model_output, t, t_prev, sample, abar, torch.zeros_like(sample),
+                                          prediction_type=config.prediction_type, clip=clip, final=final)
+        return prev.to(sample.dtype)

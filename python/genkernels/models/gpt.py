@@ -53,7 +53,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self._heads(x)
-        return self._merge(self.ops.causal_attention(q, k, v))
+        return self._merge(self.ops.attention(q, k, v, causal=True))
 
     def step(self, x: Tensor, cache: tuple[Tensor, Tensor], cache_seqlens: Tensor) -> Tensor:
         """Attention of the new positions ``x`` (B, L_new, D) over the cache, which they extend."""
