@@ -1,9 +1,10 @@
-"""Tests of the models (GPT, VAE, GAN) and their demos on tiny configurations: the two backends
+"""Tests of the models (GPT, VAE, GAN, DiffusionModel, LatentDiffusion) and their demos on tiny configurations: the two backends
 agree, the genkernels backend runs our custom ops, every model compiles into one graph, the GPT's
 cached generation equals greedy decoding without a cache, training on the real data lowers the
 losses and beats the baselines, sampling is reproducible, and checkpoints round-trip.
 
-Training the GPT on the genkernels backend runs the backward of our attention op."""
+Training the GPT and the pixel-space DiffusionModel on the genkernels backend runs the backward
+of our attention op."""
 
 from __future__ import annotations
 
@@ -18,17 +19,34 @@ from genkernels.__main__ import main
 from genkernels.demos import data
 from genkernels.demos.gan import class_histogram
 from genkernels.demos.png import image_grid, plot_lines, write_png
-from genkernels.models import BACKENDS, GAN, GPT, VAE, GANConfig, GPTConfig, VAEConfig, load_checkpoint, save_checkpoint
+from genkernels.models import (
+    BACKENDS, GAN, GPT, VAE, DiffusionConfig, DiffusionModel, GANConfig, GPTConfig, LatentDiffusion,
+    LatentDiffusionConfig, VAEConfig, load_checkpoint, save_checkpoint,
+)
 
 TINY_GPT = GPTConfig(vocab_size=len(data.VOCAB), block_size=32, n_layer=1, n_head=2, d_model=32)
 TINY_VAE = VAEConfig(image_size=8, latent_dim=4, hidden=64)
 TINY_GAN = GANConfig(image_size=16, latent_dim=16, width=16)
+TINY_DIFFUSION = DiffusionConfig(sample_shape=(1, 8, 8), channels=8, heads=2, num_train_timesteps=100)
+TINY_LATENT = LatentDiffusionConfig(TINY_VAE, DiffusionConfig(sample_shape=(4,), channels=32, mlp_blocks=2, num_train_timesteps=100, clip_sample=4.0))
+KINDS = ["gpt", "vae", "gan", "diffusion", "latent"]
 
 
 def make(kind: str, backend: str, seed: int = 0):
     torch.manual_seed(seed)
-    cls, config = {"gpt": (GPT, TINY_GPT), "vae": (VAE, TINY_VAE), "gan": (GAN, TINY_GAN)}[kind]
+    cls, config = {"gpt": (GPT, TINY_GPT), "vae": (VAE, TINY_VAE), "gan": (GAN, TINY_GAN), "diffusion": (DiffusionModel, TINY_DIFFUSION),
+                   "latent": (LatentDiffusion, TINY_LATENT)}[kind]
     return cls(config, backend=backend)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models gain nothing from a second thread, and on a busy machine every parallel
+    region of their many small ops waits for a descheduled thread (a 5x slowdown measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +78,20 @@ def outputs(model, seed: int = 0) -> dict[str, torch.Tensor]:
     if isinstance(model, VAE):
         x = torch.rand(5, 1, 8, 8, generator=g())
         return {"loss": model.loss(x, generator=g())[0], "sample": model.sample(4, g()), "reconstruct": model.reconstruct(x)}
+    if isinstance(model, (DiffusionModel, LatentDiffusion)):
+        x = torch.rand(5, 1, 8, 8, generator=g())  # in [0, 1]: the VAE's range, and within the U-Net's
+        labels = torch.tensor([0, 3, 5, 7, 9])
+        return {
+            "loss": model.loss(x, labels, generator=g()),
+            "sample": model.sample(3, labels[:3], guidance_scale=2.0, sampler="ddim", num_inference_steps=4, generator=g()),
+            "ddpm": model.sample(2, None, sampler="ddpm", num_inference_steps=4, generator=g()),
+        }
     real = torch.rand(4, 1, 16, 16, generator=g()) * 2 - 1
     fake = model(model.noise(4, g()))
     return {"d_loss": model.discriminator_loss(real, fake), "g_loss": model.generator_loss(fake), "sample": model.sample(4, g())}
 
 
-@pytest.mark.parametrize("kind", ["gpt", "vae", "gan"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_backends_agree_for_same_weights_and_seeds(kind):
     fast, slow = make(kind, "genkernels"), make(kind, "torch")
     slow.load_state_dict(fast.state_dict())
@@ -93,6 +119,10 @@ class OpNamespaces(TorchDispatchMode):
     ("gpt", {"genkernels::add_positional_encoding", "genkernels::attention_forward", "genkernels::sinusoidal_encoding"}),
     ("vae", {"genkernels::reparameterize", "genkernels::gaussian_kl", "genkernels::normal"}),
     ("gan", {"genkernels::normal"}),
+    ("diffusion", {"genkernels::sinusoidal_encoding", "genkernels::attention_forward", "genkernels::q_sample",
+                   "genkernels::diffusion_step", "genkernels::normal"}),
+    ("latent", {"genkernels::sinusoidal_encoding", "genkernels::reparameterize", "genkernels::q_sample",
+                "genkernels::diffusion_step", "genkernels::normal"}),
 ])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_genkernels_backend_dispatches_to_custom_ops(kind, expected, backend):
@@ -103,7 +133,7 @@ def test_genkernels_backend_dispatches_to_custom_ops(kind, expected, backend):
     assert ours == (expected if backend == "genkernels" else set())
 
 
-@pytest.mark.parametrize("kind", ["gpt", "vae", "gan"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_step_compiles_to_one_graph(kind, backend):
     # aot_eager traces the whole forward and backward (with our ops' fake implementations)
@@ -114,8 +144,10 @@ def test_training_step_compiles_to_one_graph(kind, backend):
         loss_fn, args = (lambda x, y: model(x, y)[1]), (idx[:, :-1], idx[:, 1:])
     elif kind == "vae":
         loss_fn, args = model.forward, (torch.rand(3, 1, 8, 8),)
-    else:
+    elif kind == "gan":
         loss_fn, args = (lambda z: model.generator_loss(model(z))), (torch.randn(3, TINY_GAN.latent_dim),)
+    else:
+        loss_fn, args = model.loss, (torch.rand(3, 1, 8, 8), torch.tensor([1, 2, 3]))
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     torch.manual_seed(1)
     loss = compiled(*args)
@@ -160,13 +192,14 @@ def test_gpt_generate_checks_lengths():
         model.generate([torch.zeros(0, dtype=torch.long)], 3)
 
 
-@pytest.mark.parametrize("kind", ["gpt", "vae", "gan"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_sampling_is_reproducible_from_a_seed(kind):
     model = make(kind, "genkernels").eval()  # batch norm's running statistics stay fixed
     first, again, other = outputs(model, seed=3), outputs(model, seed=3), outputs(model, seed=4)
-    key = {"gpt": "generated", "vae": "sample", "gan": "sample"}[kind]
-    assert torch.equal(first[key], again[key])
-    assert not torch.equal(first[key], other[key])
+    keys = {"gpt": ["generated"], "vae": ["sample"], "gan": ["sample"], "diffusion": ["sample", "ddpm"], "latent": ["sample", "ddpm"]}[kind]
+    for key in keys:
+        assert torch.equal(first[key], again[key])
+        assert not torch.equal(first[key], other[key])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -245,7 +278,32 @@ def test_gan_trains_and_its_samples_cover_every_class(backend, digits):
     assert sum(count > 0 for count in histogram) >= 8, histogram
 
 
-@pytest.mark.parametrize("kind", ["gpt", "vae", "gan"])
+@pytest.mark.parametrize("kind", ["diffusion", "latent"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_diffusion_training_lowers_the_held_out_loss(kind, backend, digits):
+    model = make(kind, backend)
+    scale = (lambda x: 2 * x - 1) if kind == "diffusion" else (lambda x: x)  # noqa: E731
+    if kind == "latent":
+        model.fit_latent_scale(digits.train_images)
+    parameters = model.diffusion.parameters() if kind == "latent" else model.parameters()
+    optimizer = torch.optim.Adam(parameters, lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+
+    def held_out() -> float:
+        with torch.no_grad():
+            return model.loss(scale(digits.test_images), digits.test_labels, torch.Generator().manual_seed(0)).item()
+
+    before = held_out()
+    for _ in range(30):
+        rows = torch.randint(0, len(digits.train_images), (32,), generator=generator)
+        loss = model.loss(scale(digits.train_images[rows]), digits.train_labels[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert held_out() < 0.8 * before
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_checkpoints_round_trip(kind, tmp_path):
     model = make(kind, "genkernels", seed=5)
     model.eval()
