@@ -410,6 +410,20 @@ def _image_train_inputs(device: torch.device, kind: str, b: int) -> tuple:
     return tuple(steps)
 
 
+def _diffusion_sample_inputs(device: torch.device, n: int, steps: int, channels: int = 64, latent: bool = False) -> tuple:
+    """Class-conditional DDIM sampling with guidance (the demos' configurations, random weights)."""
+    from .models import VAE, DiffusionConfig, DiffusionModel, LatentDiffusion, VAEConfig
+
+    def build(backend: str) -> torch.nn.Module:
+        if latent:
+            return LatentDiffusion.from_vae(VAE(VAEConfig(), backend=backend))
+        return DiffusionModel(DiffusionConfig(channels=channels), backend=backend)
+
+    labels = (torch.arange(n) % 10).to(device)
+    return tuple((lambda model=model: model.sample(n, labels, 3.0, "ddim", steps, _generator(device)))
+                 for model in _twin_models(device, lambda backend: build(backend).eval()))
+
+
 def _model_case(name: str, shape: str, inputs: Callable[..., tuple], items: tuple[str, Callable[..., float]],
                 full: Sizes, quick: Sizes, target: Target = Target()) -> Case:
     """A whole model on the genkernels backend (``inputs``' first callable) against the same model
@@ -429,13 +443,20 @@ MODEL_CASES: list[Case] = [
     _model_case("gpt_generate_batch", "B{b} prompt {prompt} + {new} new, D{d} x{layers} layers", _gpt_generate_inputs,
                 ("tokens", lambda b, new, **s: b * new), dict(b=8, prompt=16, new=112, d=128, layers=4),
                 dict(b=2, prompt=4, new=8, d=32, layers=1), Target(speedup=1.5)),
+    _model_case("diffusion_sample", "{n} images 8x8, DDIM {steps} steps, guided, C{channels}",
+                _diffusion_sample_inputs, ("images", lambda n, **s: n),
+                dict(n=20, steps=50, channels=64), dict(n=2, steps=2, channels=8), Target(speedup=1.3)),
+    _model_case("latent_diffusion_sample", "{n} images via 8-d latents, DDIM {steps} steps, guided",
+                lambda device, n, steps: _diffusion_sample_inputs(device, n, steps, latent=True), ("images", lambda n, **s: n),
+                dict(n=20, steps=50), dict(n=2, steps=2), Target(speedup=1.3)),
     _model_case("vae_train_step", "B{b} 8x8", lambda device, b: _image_train_inputs(device, "vae", b),
                 ("steps", lambda **s: 1), dict(b=128), dict(b=4)),
     _model_case("gan_train_step", "B{b} 16x16", lambda device, b: _image_train_inputs(device, "gan", b),
                 ("steps", lambda **s: 1), dict(b=64), dict(b=4)),
 ]
 """Whole-model benchmarks, run with ``--models``: each model (the demos' configurations) on the
-genkernels backend against the torch backend, training steps and generated tokens per second."""
+genkernels backend against the torch backend: training steps, generated tokens and sampled
+images per second."""
 
 
 def select_cases(name_filter: Optional[str] = None, models: bool = False) -> list[Case]:
