@@ -62,6 +62,8 @@ def _text(canvas: np.ndarray, text: str, top: int, left: int, scale: int = 2) ->
 
 
 def _label(value: float) -> str:
+    if float(value).is_integer() and abs(value) < 1e6:
+        return str(int(value))
     if value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-2):
         return f"{value:.1e}".replace("e+0", "e").replace("e-0", "e-")
     return f"{value:.3g}"
