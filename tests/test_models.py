@@ -349,3 +349,9 @@ def test_corpus_and_bigram_baseline(corpus):
     assert data.decode(data.encode("def f(x):\n\treturn x")) == "def f(x):\n    return x"
     bits = data.bigram_bits_per_char(corpus.train, corpus.test[:-1][:50_000], corpus.test[1:][:50_000])
     assert 2.0 < bits < math.log2(len(data.VOCAB))
+
+
+def test_digits_without_scikit_learn_name_the_extra(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "sklearn", None)  # as if it were not installed
+    with pytest.raises(ImportError, match=r"genkernels\[demo\]"):
+        data.load_digits()
