@@ -9,6 +9,7 @@ of our attention op."""
 from __future__ import annotations
 
 import math
+import sys
 import zlib
 
 import pytest
@@ -352,6 +353,6 @@ def test_corpus_and_bigram_baseline(corpus):
 
 
 def test_digits_without_scikit_learn_name_the_extra(monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "sklearn", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if it were not installed
     with pytest.raises(ImportError, match=r"genkernels\[demo\]"):
         data.load_digits()
