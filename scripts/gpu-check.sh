@@ -59,7 +59,7 @@ fi
 built=
 step setup setup.log env GENKERNELS_CUDA=ON GENKERNELS_EMULATION="${GENKERNELS_EMULATION:-ON}" \
   GENKERNELS_WERROR="${GENKERNELS_WERROR:-ON}" \
-  bash -c '. scripts/setup.sh "$@"' setup.sh pytest pytest-benchmark scipy diffusers && built=yes
+  bash -c '. scripts/setup.sh "$@"' setup.sh pytest pytest-benchmark scipy diffusers scikit-learn && built=yes
 PY=.venv/bin/python
 
 sanitizer=$(command -v compute-sanitizer || true)

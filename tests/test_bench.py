@@ -88,10 +88,11 @@ def test_filter_without_match_fails(capsys):
     assert "no case matches" in capsys.readouterr().err
 
 
-def test_models_flag_says_none_are_registered(capsys):
-    assert bench.MODEL_CASES == []
-    assert main([*QUICK, "--models", "--filter", "timestep"]) == 0
-    assert "model benchmarks are not available yet" in capsys.readouterr().out
+def test_models_flag_runs_the_model_cases(capsys):
+    assert main([*QUICK, "--models", "--filter", "vae_train"]) == 0
+    out = capsys.readouterr().out
+    assert "genkernels backend against the torch backend" in out
+    assert [line.split()[:2] for line in out.splitlines() if line.startswith("vae_train_step")][-1] == ["vae_train_step", "steps"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")
@@ -188,3 +189,16 @@ def test_bench_is_not_imported_by_genkernels_and_imports_nothing_heavy():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("case", bench.MODEL_CASES, ids=lambda c: c.name)
+def test_model_case_backends_compute_the_same(case):
+    fast, slow = case.inputs(torch.device("cpu"), **case.quick)
+    torch.manual_seed(0)
+    ours = case.genkernels(fast, slow)
+    torch.manual_seed(0)
+    theirs = case.reference(fast, slow)
+    if ours.dtype == torch.long:  # generated tokens
+        assert torch.equal(ours, theirs)
+    else:  # the loss of the first training step
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
