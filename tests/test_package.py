@@ -57,3 +57,50 @@ def test_compiled_modules_do_not_link_torch():
 def test_unsupported_device_gives_clear_error():
     with pytest.raises(ValueError, match="cpu and cuda"):
         _backend.launch_for(torch.empty(2, device="meta"))
+
+
+class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _through_dispatcher(monkeypatch, call) -> bool:
+    """Whether `call` reaches the registered op of add_positional_encoding (its custom op's
+    `op`), rather than calling the implementation directly."""
+    from genkernels import positional
+
+    calls = []
+    op = positional._add_positional_encoding.op
+    monkeypatch.setattr(positional._add_positional_encoding, "op", lambda *a: calls.append(1) or op(*a))
+    call()
+    return bool(calls)
+
+
+def test_eager_inference_calls_the_kernel_directly(monkeypatch):
+    x = torch.randn(2, 5, 8)
+    direct = genkernels.add_positional_encoding(x, offset=3)
+    assert not _through_dispatcher(monkeypatch, lambda: genkernels.add_positional_encoding(x))
+    with torch.no_grad():
+        assert not _through_dispatcher(monkeypatch, lambda: genkernels.add_positional_encoding(x.requires_grad_()))
+    x.requires_grad_(False)
+    with _Recorder() as recorder:
+        via_op = genkernels.add_positional_encoding(x, offset=3)
+    assert "genkernels.add_positional_encoding.default" in recorder.ops
+    torch.testing.assert_close(direct, via_op, rtol=0, atol=0)
+
+
+def test_calls_that_need_the_dispatcher_go_through_the_op(monkeypatch):
+    x = torch.randn(2, 5, 8)
+    assert _through_dispatcher(monkeypatch, lambda: genkernels.add_positional_encoding(x.clone().requires_grad_()))
+    assert _through_dispatcher(monkeypatch, lambda: genkernels.add_positional_encoding(torch.nn.Parameter(x)))
+    with torch.profiler.profile():
+        assert _through_dispatcher(monkeypatch, lambda: genkernels.add_positional_encoding(x))
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+        assert _through_dispatcher(monkeypatch, lambda: genkernels.add_positional_encoding(fake))
+    assert _through_dispatcher(monkeypatch, lambda: torch.func.vmap(genkernels.add_positional_encoding)(x[:, None]))

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from ._backend import DTYPE_CODES, launch_for
+from ._backend import DTYPE_CODES, custom_op, launch_for
 from ._rng import draw_seed
 
 ALIGNMENTS = ("top_left", "bottom_right")
@@ -24,7 +24,7 @@ _CPU_EXTRA = (torch.bfloat16,)  # the CPU kernel also takes bfloat16 (accumulati
 _BOOL_CODE = 6
 
 
-@torch.library.custom_op("genkernels::attention_forward", mutates_args=())
+@custom_op("genkernels::attention_forward", mutates_args=())
 def _attention_forward(
     q: Tensor,
     k: Tensor,
@@ -98,7 +98,7 @@ def _(q, k, v, mask, kv_lens, scale, window_left, window_right, bottom_right, dr
     return out, q.new_empty((batch, heads_q, len_q), dtype=torch.float32)
 
 
-@torch.library.custom_op("genkernels::attention_backward", mutates_args=())
+@custom_op("genkernels::attention_backward", mutates_args=())
 def _attention_backward(
     dout: Tensor,
     dlse: Tensor,

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from ._backend import DTYPE_CODES, launch_for
+from ._backend import DTYPE_CODES, custom_op, launch_for
 from ._rng import draw_seed
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
@@ -214,7 +214,7 @@ def _empty() -> Tensor:
 # ------------------------------------------------------------------------------ q_sample
 
 
-@torch.library.custom_op("genkernels::q_sample", mutates_args=())
+@custom_op("genkernels::q_sample", mutates_args=())
 def _q_sample(x0: Tensor, noise: Optional[Tensor], coeffs: Tensor, seed: Tensor, return_velocity: bool) -> tuple[Tensor, Tensor, Tensor]:
     x0c = _as_kernel_input(x0)
     x_t = torch.empty_like(x0c)
@@ -377,7 +377,7 @@ class _StepInputs:
         return self.rescale * (std_cond / std_cfg) + (1.0 - self.rescale)
 
 
-@torch.library.custom_op("genkernels::diffusion_step", mutates_args=())
+@custom_op("genkernels::diffusion_step", mutates_args=())
 def _diffusion_step(
     sample: Tensor, model: Tensor, model_cond: Optional[Tensor], variance: Optional[Tensor], variance_input: int,
     prev_x0: Optional[Tensor], noise: Optional[Tensor], coeffs: Tensor, seed: Optional[Tensor], want_prev: bool,

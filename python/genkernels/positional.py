@@ -13,12 +13,12 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from ._backend import DTYPE_CODES, compute_dtype, float_dtypes, launch_for
+from ._backend import DTYPE_CODES, compute_dtype, custom_op, float_dtypes, launch_for
 
 LAYOUTS = ("interleaved", "concat")
 
 
-@torch.library.custom_op("genkernels::sinusoidal_encoding", mutates_args=())
+@custom_op("genkernels::sinusoidal_encoding", mutates_args=())
 def _sinusoidal_encoding(
     positions: Tensor,
     dim: int,
@@ -89,7 +89,7 @@ def sinusoidal_encoding(
     return _sinusoidal_encoding(positions, dim, base, layout == "interleaved", bool(flip_sin_to_cos), shift, scale, dtype)
 
 
-@torch.library.custom_op("genkernels::add_positional_encoding", mutates_args=())
+@custom_op("genkernels::add_positional_encoding", mutates_args=())
 def _add_positional_encoding(x: Tensor, offset: int, base: float, interleaved: bool, x_scale: float) -> Tensor:
     src = x.contiguous()
     out = torch.empty_like(src)

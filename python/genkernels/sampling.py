@@ -14,13 +14,13 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from ._backend import DTYPE_CODES, float_dtypes, launch_for
+from ._backend import DTYPE_CODES, custom_op, float_dtypes, launch_for
 from ._rng import draw_seed
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
 
-@torch.library.custom_op("genkernels::normal", mutates_args=())
+@custom_op("genkernels::normal", mutates_args=())
 def _normal(like: Tensor, seed: Tensor) -> Tensor:
     out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     run = launch_for(out)
@@ -67,7 +67,7 @@ def randn(
     return _normal(like, draw_seed(generator, device))
 
 
-@torch.library.custom_op("genkernels::reparameterize", mutates_args=())
+@custom_op("genkernels::reparameterize", mutates_args=())
 def _reparameterize(mu: Tensor, logvar: Tensor, seed: Tensor) -> Tensor:
     mu_c, logvar_c = mu.contiguous(), logvar.contiguous()
     z = torch.empty_like(mu_c)
@@ -133,7 +133,7 @@ def reparameterize(
     return z
 
 
-@torch.library.custom_op("genkernels::gaussian_kl", mutates_args=())
+@custom_op("genkernels::gaussian_kl", mutates_args=())
 def _gaussian_kl(mu: Tensor, logvar: Tensor, reduction: str) -> Tensor:
     mu_c, logvar_c = mu.contiguous(), logvar.contiguous()
     run = launch_for(mu_c)
