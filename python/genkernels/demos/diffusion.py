@@ -84,11 +84,15 @@ class DiffusionDemo(Demo):
         ddpm = self.from_model(self.model.sample(len(rows), rows, GUIDANCE_SCALE, "ddpm", SAMPLE_STEPS * 2, generator))
         ddpm_accuracy = (classifier.predict(ddpm) == rows.cpu()).float().mean().item()
         write_png(paths[1], image_grid(ddpm, 10))
+        unconditional = self.from_model(self.model.sample(200, None, 1.0, "ddim", SAMPLE_STEPS, generator))
+        counts = torch.bincount(classifier.predict(unconditional), minlength=10).tolist()
         print(f"held-out diffusion loss {figures['held-out loss']:.4f}; class-conditional samples labelled as the "
               f"requested digit by a logistic regression trained on the real digits (guidance {GUIDANCE_SCALE}): "
               f"DDIM {SAMPLE_STEPS} steps {100 * accuracy:.1f}% of 200, DDPM {2 * SAMPLE_STEPS} steps "
               f"{100 * ddpm_accuracy:.1f}% of 100; wrote {', '.join(paths)}")
-        return {"held_out_loss": figures["held-out loss"], "ddim_accuracy": accuracy, "ddpm_accuracy": ddpm_accuracy}
+        print("class histogram of 200 unconditional DDIM samples: " + "  ".join(f"{d}: {c}" for d, c in enumerate(counts)))
+        return {"held_out_loss": figures["held-out loss"], "ddim_accuracy": accuracy, "ddpm_accuracy": ddpm_accuracy,
+                "unconditional_histogram": counts}
 
 
 class LatentDiffusionDemo(DiffusionDemo):
