@@ -411,7 +411,10 @@ def _run_step(inputs: _StepInputs, coeffs: Tensor, *, thresholding: Optional[tup
     if thresholding is not None:
         _, x0 = _diffusion_step(inputs.sample, inputs.model, inputs.cond, None, 0, None, None, coeffs, None, False)
         ratio, max_value = thresholding
-        s = torch.quantile(x0.reshape(inputs.batch, -1).abs().float(), ratio, dim=1).clamp(1.0, max_value).double()
+        magnitude = x0.reshape(inputs.batch, -1).abs()
+        if magnitude.dtype not in (torch.float32, torch.float64):  # quantile takes neither 16-bit type
+            magnitude = magnitude.float()
+        s = torch.quantile(magnitude, ratio, dim=1).clamp(1.0, max_value).double()
         coeffs = coeffs.clone()
         coeffs[:, _S["clip_lo"]], coeffs[:, _S["clip_hi"]], coeffs[:, _S["clip_div"]] = -s, s, s
     seed = draw_seed(generator, inputs.device) if draw_noise and inputs.noise is None else None
