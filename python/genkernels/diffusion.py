@@ -152,6 +152,22 @@ class NoiseSchedule:
             setattr(moved, name, value.to(device) if isinstance(value, Tensor) else value)
         return moved
 
+    def _with_terminal_abar(self, value: float) -> "NoiseSchedule":
+        """A copy whose last abar is ``value``, for the steps' coefficients and ``alphas_cumprod``
+        (the posterior tables keep the rescaled betas'). diffusers' DPM-Solver sets 2^-24 after a
+        zero-terminal-SNR rescale, so that the first step's sigma is finite."""
+        copy = object.__new__(NoiseSchedule)
+        copy.__dict__.update(self.__dict__)
+        abar = self._abar64.clone()
+        abar[-1] = value
+        one_minus = self._one_minus_abar64.clone()
+        one_minus[-1] = 1.0 - value
+        copy._abar64, copy._one_minus_abar64 = abar, one_minus
+        copy.alphas_cumprod = abar.float()
+        copy.sqrt_alphas_cumprod = abar.sqrt().float()
+        copy.sqrt_one_minus_alphas_cumprod = one_minus.sqrt().float()
+        return copy
+
     def __len__(self) -> int:
         return self.num_train_timesteps
 
