@@ -5,8 +5,9 @@ on the data's device from tables placed there once, so a sampling loop never rea
 on the host. Noise is drawn inside the kernels from the Philox stream (element ``e`` gets the same
 normal as ``genkernels.randn``'s ``e``-th for the same seed), or taken from ``noise=``.
 
-Conventions are diffusers' (``DDPMScheduler``, ``DDIMScheduler``), with these differences: the
-timestep is per batch element, the previous timestep is explicit, schedules are computed in
+Conventions are diffusers' (``DDPMScheduler``, ``DDIMScheduler``, ``DPMSolverMultistepScheduler``),
+with these differences: the timestep is per batch element, the previous timestep (and for the
+multistep DPM-Solver++ the previous x0 and its timestep) is explicit, schedules are computed in
 float64, ``variance_type="fixed_large_log"`` uses the noise scale sqrt(beta_t) that diffusers
 intends (its own gives NaN), and 16-bit inputs are computed in float32.
 """
