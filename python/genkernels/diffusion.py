@@ -638,6 +638,8 @@ def dpm_solver_step(
     is the end of the chain: sigma 0 (``final_sigmas_type="zero"``; that step is always first
     order, as in diffusers, since its second-order term has no limit) or the schedule's smallest
     sigma (``"sigma_min"``). ``euler_at_final=True`` makes every step to the end first order.
+    The noise level must fall along the chain, ``prev_x0_t > t > t_prev`` (not checked, so that
+    no value is read on the host; a step of zero length gives NaN, as in diffusers).
     Returns ``(prev_sample, pred_original_sample)``; the x0 prediction of ``prediction_type`` is
     clipped or thresholded as in ``ddim_step`` before the step uses it, and guidance is as in
     ``ddpm_step``. The per-sample coefficients are computed in float64 on the data's device.
@@ -675,9 +677,9 @@ def dpm_solver_step(
         s1 = _timesteps(fn, "prev_x0_t", prev_x0_t, inputs.batch, inputs.device, n, minimum=0)
         abar1, one_minus1 = schedule._gather(s1)
         h0 = _half_log_snr(abar, one_minus) - _half_log_snr(abar1, one_minus1)
-        # x0 + D1 weight: D1 = (x0 - prev_x0) * h / h0.
+        # The term d1_weight * D1 with D1 = (x0 - prev_x0) h / h0, split between x0 and prev_x0.
         d1_weight = 0.5 * x0_weight if solver_type == "midpoint" else alpha_prev * (1.0 - phi / (decay * h))
-        first_order = t_prev < 0 if (final_sigmas_type == "zero" or euler_at_final) else torch.zeros_like(t_prev, dtype=torch.bool)
+        first_order = (t_prev < 0) & (final_sigmas_type == "zero" or euler_at_final)
         d1 = torch.where(first_order, 0.0, d1_weight * (h / h0))
         k[:, _S["out_x0"]] = x0_weight + d1
         k[:, _S["out_prev_x0"]] = -d1
