@@ -19,6 +19,9 @@ from genkernels.diffusion import NoiseSchedule, dpm_solver_step
 from test_diffusion import abar64, assert_close_to
 from tolerances import low_precision_tol
 
+# diffusers' set_timesteps calls np.array on a tensor, which numpy 2 warns about.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+
 PREDICTION_TYPES = ["epsilon", "v_prediction", "sample"]
 ALGORITHMS = ["dpmsolver++", "sde-dpmsolver++"]
 SOLVERS = ["midpoint", "heun"]
