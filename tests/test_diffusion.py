@@ -239,6 +239,20 @@ def test_ddpm_step_equals_diffusers_float64(prediction_type, variance_type, t, t
     assert_close_to(prev64, expected.prev_sample, 1e-12)
 
 
+def test_dynamic_threshold_of_float64_is_found_in_float64():
+    """With a threshold below sample_max_value the quantile itself sets the scale: float64
+    inputs must not round it to float32 (that costs ~1e-7 relative)."""
+    theirs = diffusers_in_float64(diffusers.DDPMScheduler(thresholding=True, sample_max_value=100.0))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    m = torch.randn_like(x)
+    for t in (500, 10):
+        expected = theirs.step(m, t, x, generator=torch.Generator().manual_seed(3))
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        prev, x0 = ddpm_step(m, t, x, NoiseSchedule(), thresholding=True, sample_max_value=100.0, noise=noise)
+        assert_close_to(x0, expected.pred_original_sample, 1e-12)
+        assert_close_to(prev, expected.prev_sample, 1e-12)
+
+
 def test_ddpm_step_fixed_large_log_is_finite_where_diffusers_gives_nan():
     x, m = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     noise = torch.randn(2, 3, 4)

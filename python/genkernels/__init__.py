@@ -7,7 +7,7 @@ from . import diffusion, reference, schedulers
 from ._backend import emulated_cuda
 from ._info import info
 from .attention import attention_dropout_mask, attention_with_kvcache, merge_attention, scaled_dot_product_attention
-from .diffusion import NoiseSchedule, ddim_step, ddpm_step, q_sample
+from .diffusion import NoiseSchedule, ddim_step, ddpm_step, dpm_solver_step, q_sample
 from .positional import add_positional_encoding, sinusoidal_encoding
 from .sampling import gaussian_kl, randn, randn_like, reparameterize
 from ._C import __version__
@@ -21,6 +21,7 @@ __all__ = [
     "ddim_step",
     "ddpm_step",
     "diffusion",
+    "dpm_solver_step",
     "emulated_cuda",
     "gaussian_kl",
     "info",

@@ -171,11 +171,13 @@ def _attention_case(name: str, causal: bool, full: Sizes, quick: Sizes, target: 
 
 
 _SCHEDULERS: dict[str, Any] = {}
+_SCHEDULER_ARGS = {"DDPM": dict(clip_sample=False), "DDIM": dict(clip_sample=False), "DPMSolverMultistep": {}}
+_STEP_T = 500  # the timestep each step case takes (in all three 50-step chains)
 
 
 def _scheduler(library: str, kind: str) -> Any:
-    """A DDPM or DDIM scheduler with 50 inference steps from genkernels or diffusers (the
-    baseline, when installed; else None), made once."""
+    """A DDPM, DDIM or DPM-Solver scheduler with 50 inference steps from genkernels or diffusers
+    (the baseline, when installed; else None), made once."""
     key = f"{library}.{kind}"
     if key not in _SCHEDULERS:
         if library == "diffusers":
@@ -186,10 +188,17 @@ def _scheduler(library: str, kind: str) -> Any:
             module = diffusers
         else:
             from . import schedulers as module
-        scheduler = getattr(module, f"{kind}Scheduler")(clip_sample=False)
+        scheduler = getattr(module, f"{kind}Scheduler")(**_SCHEDULER_ARGS[kind])
         scheduler.set_timesteps(50)
         _SCHEDULERS[key] = scheduler
     return _SCHEDULERS[key]
+
+
+def _neighbours(kind: str) -> tuple[int, int, int]:
+    """(index of _STEP_T in the 50-step chain, the timestep before it, the one after it)."""
+    chain = _scheduler("genkernels", kind).timesteps.tolist()
+    i = chain.index(_STEP_T)
+    return i, chain[i - 1], chain[i + 1]
 
 
 def _latents(device: torch.device, b: int, c: int, hw: int) -> tuple[Tensor, Tensor]:
@@ -197,17 +206,45 @@ def _latents(device: torch.device, b: int, c: int, hw: int) -> tuple[Tensor, Ten
     return torch.randn_like(x), x
 
 
-def _step_baseline(kind: str) -> Callable[[Tensor, Tensor], Tensor]:
+def _latents_and_x0(device: torch.device, b: int, c: int, hw: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The model output, the sample and the previous step's x0 of a multistep solver."""
+    m, x = _latents(device, b, c, hw)
+    return m, x, torch.randn_like(x)
+
+
+def _step(library: str, kind: str, m: Tensor, x: Tensor, prev_x0: Optional[Tensor] = None) -> Optional[Tensor]:
+    """One step at _STEP_T by the library's scheduler (None without it). A multistep scheduler is
+    first put back to just after the previous step of its chain, whose x0 was ``prev_x0``, so
+    every call is the same second-order update."""
+    scheduler = _scheduler(library, kind)
+    if scheduler is None:
+        return None
+    if prev_x0 is not None:
+        i, before, _ = _neighbours(kind)
+        scheduler.model_outputs = [None, prev_x0]
+        scheduler.lower_order_nums = 1
+        if library == "diffusers":
+            scheduler._step_index = i
+        else:
+            scheduler._output_timesteps = [None, before]
+    return scheduler.step(m, _STEP_T, x).prev_sample
+
+
+def _step_baseline(kind: str) -> Callable[..., Tensor]:
     """diffusers' step at t = 500, or the pure-PyTorch formulas without diffusers."""
-    def step(m: Tensor, x: Tensor) -> Tensor:
-        theirs = _scheduler("diffusers", kind)
+    def step(m: Tensor, x: Tensor, *history: Tensor) -> Tensor:
+        theirs = _step("diffusers", kind, m, x, *history)
         if theirs is not None:
-            return theirs.step(m, 500, x).prev_sample
+            return theirs
         abar = _scheduler("genkernels", kind).schedule._abar64.cpu()
-        t = torch.full((x.shape[0],), 500)
+        _, before, after = _neighbours(kind)
+        t = torch.full((x.shape[0],), _STEP_T)
         if kind == "DDPM":
             return reference.ddpm_step(m, t, t - 20, x, abar, torch.randn_like(x), clip=None)[0].float()
-        return reference.ddim_step(m, t, t - 20, x, abar, torch.zeros(1))[0].float()
+        if kind == "DDIM":
+            return reference.ddim_step(m, t, t - 20, x, abar, torch.zeros(1))[0].float()
+        return reference.dpm_solver_step(m, t, torch.full_like(t, after), x, abar, prev_x0=history[0],
+                                         prev_x0_t=torch.full_like(t, before))[0].float()
     return step
 
 
@@ -221,19 +258,22 @@ def _noised_baseline(x0: Tensor, t: Tensor) -> Tensor:
 
 
 def _diffusion_case(name: str, kind: str, target: Target) -> Case:
+    """A scheduler's step beside diffusers'; DPM-Solver's is its second-order (multistep) update,
+    which also reads the previous step's x0."""
+    multistep = kind == "DPMSolverMultistep"
     return Case(
         name=name,
         shape="({b}, {c}, {hw}, {hw})",
-        inputs=_latents,
-        genkernels=lambda m, x: _scheduler("genkernels", kind).step(m, 500, x).prev_sample,
+        inputs=_latents_and_x0 if multistep else _latents,
+        genkernels=lambda *args: _step("genkernels", kind, *args),
         reference=_step_baseline(kind),
-        # model output and sample read; prev_sample and pred_original_sample written
-        bytes_moved=lambda b, c, hw: 4 * F32 * b * c * hw * hw,
+        # model output, sample (and the previous x0) read; prev_sample and pred_original_sample written
+        bytes_moved=lambda b, c, hw: (5 if multistep else 4) * F32 * b * c * hw * hw,
         full=dict(b=64, c=4, hw=64),
         quick=dict(b=2, c=4, hw=16),
         tiny=dict(b=1, c=1, hw=4),
         target=target,
-        exact=kind == "DDIM",
+        exact=kind != "DDPM",
     )
 
 
@@ -361,6 +401,7 @@ CASES: list[Case] = [
     ),
     _diffusion_case("ddpm_step", "DDPM", Target(speedup=5, bandwidth=0.5)),
     _diffusion_case("ddim_step", "DDIM", Target(speedup=2, bandwidth=0.5)),
+    _diffusion_case("dpm_solver_step", "DPMSolverMultistep", Target(speedup=2, bandwidth=0.5)),
     _attention_case("attention", False, dict(b=4, h=12, l=1024, s=1024, e=64), dict(b=1, h=2, l=128, s=128, e=64), Target(speedup=1.0)),
     _attention_case("attention_causal", True, dict(b=4, h=12, l=1024, s=1024, e=64), dict(b=1, h=2, l=128, s=128, e=64), Target(speedup=1.8)),
     _attention_case("attention_causal_long", True, dict(b=1, h=16, l=4096, s=4096, e=64), dict(b=1, h=2, l=256, s=256, e=64), Target(speedup=1.8)),

@@ -5,8 +5,9 @@ on the data's device from tables placed there once, so a sampling loop never rea
 on the host. Noise is drawn inside the kernels from the Philox stream (element ``e`` gets the same
 normal as ``genkernels.randn``'s ``e``-th for the same seed), or taken from ``noise=``.
 
-Conventions are diffusers' (``DDPMScheduler``, ``DDIMScheduler``), with these differences: the
-timestep is per batch element, the previous timestep is explicit, schedules are computed in
+Conventions are diffusers' (``DDPMScheduler``, ``DDIMScheduler``, ``DPMSolverMultistepScheduler``),
+with these differences: the timestep is per batch element, the previous timestep (and for the
+multistep DPM-Solver++ the previous x0 and its timestep) is explicit, schedules are computed in
 float64, ``variance_type="fixed_large_log"`` uses the noise scale sqrt(beta_t) that diffusers
 intends (its own gives NaN), and 16-bit inputs are computed in float32.
 """
@@ -26,6 +27,9 @@ from ._rng import draw_seed
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+DPM_ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
+DPM_SOLVER_TYPES = ("midpoint", "heun")
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 
 # Per-sample coefficient columns, in the order of csrc/diffusion/diffusion.h.
 _Q = {"signal": 0, "noise": 1}
@@ -148,6 +152,22 @@ class NoiseSchedule:
         for name, value in vars(self).items():
             setattr(moved, name, value.to(device) if isinstance(value, Tensor) else value)
         return moved
+
+    def _with_terminal_abar(self, value: float) -> "NoiseSchedule":
+        """A copy whose last abar is ``value``, for the steps' coefficients and ``alphas_cumprod``
+        (the posterior tables keep the rescaled betas'). diffusers' DPM-Solver sets 2^-24 after a
+        zero-terminal-SNR rescale, so that the first step's sigma is finite."""
+        copy = object.__new__(NoiseSchedule)
+        copy.__dict__.update(self.__dict__)
+        abar = self._abar64.clone()
+        abar[-1] = value
+        one_minus = self._one_minus_abar64.clone()
+        one_minus[-1] = 1.0 - value
+        copy._abar64, copy._one_minus_abar64 = abar, one_minus
+        copy.alphas_cumprod = abar.float()
+        copy.sqrt_alphas_cumprod = abar.sqrt().float()
+        copy.sqrt_one_minus_alphas_cumprod = one_minus.sqrt().float()
+        return copy
 
     def __len__(self) -> int:
         return self.num_train_timesteps
@@ -331,15 +351,16 @@ def _guidance(fn: str, model_output: Union[Tensor, Sequence[Tensor]], guidance_s
 class _StepInputs:
     """A step's checked tensors, in the dtype and layout the kernel takes."""
 
-    def __init__(self, fn, model_output, sample, guidance_scale, guidance_rescale, noise, variance_type=None):
+    def __init__(self, fn, model_output, sample, guidance_scale, guidance_rescale, noise, variance_type=None, prev_x0=None):
         uncond, cond, w = _guidance(fn, model_output, guidance_scale)
         extra = (torch.float16, torch.bfloat16)
         sample = _checks.float_tensor(fn, "sample", sample, min_dim=1, cpu_extra=extra)
         args = {"sample": sample, "model_output": _checks.float_tensor(fn, "model_output", uncond, cpu_extra=extra)}
         if cond is not None:
             args["model_output[1]"] = _checks.float_tensor(fn, "model_output[1]", cond, cpu_extra=extra)
-        if noise is not None:
-            args["noise"] = _checks.float_tensor(fn, "noise", noise, cpu_extra=extra)
+        for name, value in (("noise", noise), ("prev_x0", prev_x0)):
+            if value is not None:
+                args[name] = _checks.float_tensor(fn, name, value, cpu_extra=extra)
         _checks.same_device(fn, args)
         _checks.same_dtype(fn, args)
         self.variance = None
@@ -353,8 +374,9 @@ class _StepInputs:
         for name, o in zip(("model_output", "model_output[1]"), outputs):
             if o.shape != sample.shape:
                 raise ValueError(f"{fn}(): argument '{name}' must have the shape of 'sample' {tuple(sample.shape)}, got {tuple(o.shape)}")
-        if noise is not None and noise.shape != sample.shape:
-            raise ValueError(f"{fn}(): argument 'noise' must have the shape of 'sample' {tuple(sample.shape)}, got {tuple(noise.shape)}")
+        for name, value in (("noise", noise), ("prev_x0", prev_x0)):
+            if value is not None and value.shape != sample.shape:
+                raise ValueError(f"{fn}(): argument '{name}' must have the shape of 'sample' {tuple(sample.shape)}, got {tuple(value.shape)}")
         self.dtype = sample.dtype
         self.device = sample.device
         self.batch = sample.shape[0]
@@ -365,6 +387,7 @@ class _StepInputs:
         if not 0.0 <= self.rescale <= 1.0:
             raise ValueError(f"{fn}(): argument 'guidance_rescale' must be in [0, 1], got {self.rescale}")
         self.noise = noise
+        self.prev_x0 = prev_x0
 
     def guide_scale(self) -> Tensor:
         """The per-sample rescale of the guided output (Lin et al. 2023, eq. 15-16), 1 without it."""
@@ -404,19 +427,21 @@ def _(sample, model, model_cond, variance, variance_input, prev_x0, noise, coeff
 
 
 def _run_step(inputs: _StepInputs, coeffs: Tensor, *, thresholding: Optional[tuple[float, float]],
-              draw_noise: bool, generator: Optional[torch.Generator], variance_input: Optional[str] = None,
-              prev_x0: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+              draw_noise: bool, generator: Optional[torch.Generator], variance_input: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """Runs the step kernel; with dynamic thresholding (ratio, max) a first pass predicts x0 to find
     each sample's threshold s (Saharia et al. 2022, sec. 2.3), and the step clamps to [-s, s] / s."""
     if thresholding is not None:
         _, x0 = _diffusion_step(inputs.sample, inputs.model, inputs.cond, None, 0, None, None, coeffs, None, False)
         ratio, max_value = thresholding
-        s = torch.quantile(x0.reshape(inputs.batch, -1).abs().float(), ratio, dim=1).clamp(1.0, max_value).double()
+        magnitude = x0.reshape(inputs.batch, -1).abs()
+        if magnitude.dtype not in (torch.float32, torch.float64):  # quantile takes neither 16-bit type
+            magnitude = magnitude.float()
+        s = torch.quantile(magnitude, ratio, dim=1).clamp(1.0, max_value).double()
         coeffs = coeffs.clone()
         coeffs[:, _S["clip_lo"]], coeffs[:, _S["clip_hi"]], coeffs[:, _S["clip_div"]] = -s, s, s
     seed = draw_seed(generator, inputs.device) if draw_noise and inputs.noise is None else None
     return _diffusion_step(
-        inputs.sample, inputs.model, inputs.cond, inputs.variance, _VARIANCE_INPUT[variance_input], prev_x0,
+        inputs.sample, inputs.model, inputs.cond, inputs.variance, _VARIANCE_INPUT[variance_input], inputs.prev_x0,
         inputs.noise if draw_noise else None, coeffs, seed, True,
     )
 
@@ -564,3 +589,102 @@ def ddim_step(
     k[:, _S["out_eps"]] = (one_minus_prev - std**2).sqrt()
     k[:, _S["noise_std"]] = std
     return _run_step(inputs, k, thresholding=threshold, draw_noise=eta > 0, generator=generator)
+
+
+def _half_log_snr(abar: Tensor, one_minus: Tensor) -> Tensor:
+    """lambda = log(alpha_t / sigma_t) = log(sqrt(abar) / sqrt(1 - abar)); +inf where abar = 1."""
+    return 0.5 * (abar.log() - one_minus.log())
+
+
+def dpm_solver_step(
+    model_output: Union[Tensor, Sequence[Tensor]],
+    t: Timesteps,
+    t_prev: Timesteps,
+    sample: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    prev_x0: Optional[Tensor] = None,
+    prev_x0_t: Optional[Timesteps] = None,
+    algorithm_type: str = "dpmsolver++",
+    solver_type: str = "midpoint",
+    prediction_type: str = "epsilon",
+    final_sigmas_type: str = "zero",
+    euler_at_final: bool = False,
+    clip_sample: bool = False,
+    clip_sample_range: float = 1.0,
+    thresholding: bool = False,
+    dynamic_thresholding_ratio: float = 0.995,
+    sample_max_value: float = 1.0,
+    guidance_scale: Optional[float] = None,
+    guidance_rescale: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+    noise: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """One DPM-Solver++ step x_t -> x_{t_prev} (Lu et al. 2022, "DPM-Solver++", algorithm 2),
+    as diffusers' ``DPMSolverMultistepScheduler`` takes it, in one pass.
+
+    First order (``prev_x0=None``, equal to DDIM), or second order from the data prediction
+    ``prev_x0`` that the previous step made at timestep ``prev_x0_t`` (the multistep method: that
+    step's returned ``pred_original_sample``). With lambda = log(alpha_t / sigma_t),
+    h = lambda_{t_prev} - lambda_t, r0 = (lambda_t - lambda_{prev_x0_t}) / h and
+    D1 = (x0 - prev_x0) / r0, the ``dpmsolver++`` step is
+    ``sigma_prev / sigma_t * x + alpha_prev (1 - e^-h) (x0 + D1 / 2)`` (``solver_type="midpoint"``;
+    ``"heun"`` weighs D1 by ``alpha_prev (1 - (1 - e^-h) / h)``). ``sde-dpmsolver++``, the SDE
+    variant, scales the x term by e^-h, takes 1 - e^-2h for 1 - e^-h (and 2h for h) and adds noise
+    of standard deviation ``sigma_prev sqrt(1 - e^-2h)``, drawn in the kernel unless ``noise`` is
+    given (``generator`` as in ``ddpm_step``).
+
+    ``t``, ``t_prev`` and ``prev_x0_t`` are ints or integer tensors of shape (B,). ``t_prev = -1``
+    is the end of the chain: sigma 0 (``final_sigmas_type="zero"``; that step is always first
+    order, as in diffusers, since its second-order term has no limit) or the schedule's smallest
+    sigma (``"sigma_min"``). ``euler_at_final=True`` makes every step to the end first order.
+    The noise level must fall along the chain, ``prev_x0_t > t > t_prev`` (not checked, so that
+    no value is read on the host; a step of zero length gives NaN, as in diffusers).
+    Returns ``(prev_sample, pred_original_sample)``; the x0 prediction of ``prediction_type`` is
+    clipped or thresholded as in ``ddim_step`` before the step uses it, and guidance is as in
+    ``ddpm_step``. The per-sample coefficients are computed in float64 on the data's device.
+    """
+    fn = "dpm_solver_step"
+    algorithm_type = _checks.choice(fn, "algorithm_type", algorithm_type, DPM_ALGORITHM_TYPES)
+    solver_type = _checks.choice(fn, "solver_type", solver_type, DPM_SOLVER_TYPES)
+    prediction_type = _checks.choice(fn, "prediction_type", prediction_type, PREDICTION_TYPES)
+    final_sigmas_type = _checks.choice(fn, "final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
+    if not isinstance(euler_at_final, bool):
+        raise TypeError(f"{fn}(): argument 'euler_at_final' must be a bool, got {type(euler_at_final).__name__}")
+    if (prev_x0 is None) != (prev_x0_t is None):
+        raise ValueError(f"{fn}(): pass both 'prev_x0' and 'prev_x0_t' (second order) or neither (first order)")
+    inputs = _StepInputs(fn, model_output, sample, guidance_scale, guidance_rescale, noise, prev_x0=prev_x0)
+    schedule = _schedule_on(fn, schedule, inputs.device)
+    generator = _checks.generator(fn, generator)
+    n = len(schedule)
+    t = _timesteps(fn, "t", t, inputs.batch, inputs.device, n, minimum=0)
+    t_prev = _timesteps(fn, "t_prev", t_prev, inputs.batch, inputs.device, n, minimum=-1)
+
+    abar, one_minus = schedule._gather(t)
+    final = 1.0 if final_sigmas_type == "zero" else schedule._abar0
+    abar_prev, one_minus_prev = schedule._gather(t_prev, final=final)
+    clip, threshold = _limits(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)
+    k = _step_coeffs(inputs, abar, one_minus, prediction_type, clip)
+    h = _half_log_snr(abar_prev, one_minus_prev) - _half_log_snr(abar, one_minus)
+    alpha_prev = abar_prev.sqrt()
+    sigma_ratio = (one_minus_prev / one_minus).sqrt()  # sigma_{t_prev} / sigma_t
+    sde = algorithm_type == "sde-dpmsolver++"
+    decay = 2.0 if sde else 1.0
+    phi = -torch.expm1(-decay * h)  # 1 - e^-h, or 1 - e^-2h for the SDE
+    k[:, _S["out_x"]] = sigma_ratio * torch.exp(-h) if sde else sigma_ratio
+    x0_weight = alpha_prev * phi
+    if inputs.prev_x0 is not None:
+        s1 = _timesteps(fn, "prev_x0_t", prev_x0_t, inputs.batch, inputs.device, n, minimum=0)
+        abar1, one_minus1 = schedule._gather(s1)
+        h0 = _half_log_snr(abar, one_minus) - _half_log_snr(abar1, one_minus1)
+        # The term d1_weight * D1 with D1 = (x0 - prev_x0) h / h0, split between x0 and prev_x0.
+        d1_weight = 0.5 * x0_weight if solver_type == "midpoint" else alpha_prev * (1.0 - phi / (decay * h))
+        first_order = (t_prev < 0) & (final_sigmas_type == "zero" or euler_at_final)
+        d1 = torch.where(first_order, 0.0, d1_weight * (h / h0))
+        k[:, _S["out_x0"]] = x0_weight + d1
+        k[:, _S["out_prev_x0"]] = -d1
+    else:
+        k[:, _S["out_x0"]] = x0_weight
+    if sde:
+        k[:, _S["noise_std"]] = one_minus_prev.sqrt() * phi.sqrt()
+    return _run_step(inputs, k, thresholding=threshold, draw_noise=sde, generator=generator)

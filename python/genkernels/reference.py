@@ -270,6 +270,66 @@ def ddim_step(
     return prev + std * noise, x0
 
 
+def dpm_solver_step(
+    model_output: Tensor, t: Tensor, t_prev: Tensor, sample: Tensor, alphas_cumprod: Tensor,
+    noise: Optional[Tensor] = None, *, prev_x0: Optional[Tensor] = None, prev_x0_t: Optional[Tensor] = None,
+    algorithm_type: str = "dpmsolver++", solver_type: str = "midpoint", prediction_type: str = "epsilon",
+    final_sigmas_type: str = "zero", euler_at_final: bool = False, clip: Optional[float] = None,
+    threshold: Optional[tuple[float, float]] = None,
+) -> tuple[Tensor, Tensor]:
+    """(prev_sample, pred_original_sample) of one DPMSolverMultistepScheduler (dpmsolver++ or
+    sde-dpmsolver++) update, written as diffusers writes it: sigma = sqrt((1 - abar) / abar),
+    alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma alpha_t, lambda = log alpha_t - log sigma_t.
+    First order without prev_x0, else second order with prev_x0 predicted at prev_x0_t; t_prev < 0
+    is the final sigma (0 or sigma_min), first order with "zero" or euler_at_final."""
+    m, x = model_output.double(), sample.double()
+    zero = torch.zeros((), dtype=torch.float64)
+
+    def alpha_sigma_lambda(timesteps: Tensor, final: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        abar = _abar(alphas_cumprod, timesteps, x)
+        sigma = ((1 - abar) / abar).sqrt()
+        if final:
+            sigma_last = zero if final_sigmas_type == "zero" else ((1 - alphas_cumprod[0]) / alphas_cumprod[0]).sqrt()
+            sigma = torch.where(_per_sample(timesteps, x) < 0, sigma_last, sigma)
+        alpha_t = 1 / (sigma**2 + 1).sqrt()
+        sigma_t = sigma * alpha_t
+        return alpha_t, sigma_t, alpha_t.log() - sigma_t.log()
+
+    alpha_s, sigma_s, lambda_s = alpha_sigma_lambda(t)
+    alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(t_prev, final=True)
+    if prediction_type == "epsilon":
+        x0 = (x - sigma_s * m) / alpha_s
+    elif prediction_type == "v_prediction":
+        x0 = alpha_s * x - sigma_s * m
+    else:
+        x0 = m
+    x0 = _limit_x0(x0, clip, threshold)
+    h = lambda_t - lambda_s
+    sde = algorithm_type == "sde-dpmsolver++"
+    if sde:
+        first = (sigma_t / sigma_s * torch.exp(-h)) * x + (alpha_t * (1 - torch.exp(-2.0 * h))) * x0
+    else:
+        first = (sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * x0
+    prev = first
+    if prev_x0 is not None:
+        _, _, lambda_s1 = alpha_sigma_lambda(prev_x0_t)
+        r0 = (lambda_s - lambda_s1) / h
+        d1 = (1.0 / r0) * (x0 - prev_x0.double())
+        if sde and solver_type == "midpoint":
+            second = first + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * d1
+        elif sde:
+            second = first + (alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * d1
+        elif solver_type == "midpoint":
+            second = first - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1
+        else:
+            second = first + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * d1
+        lower = final_sigmas_type == "zero" or euler_at_final
+        prev = torch.where(_per_sample(t_prev < 0, x) & lower, first, second)
+    if sde:
+        prev = prev + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise.double()
+    return prev, x0
+
+
 def guided(uncond: Tensor, cond: Tensor, scale: float, rescale: float = 0.0) -> Tensor:
     """Classifier-free guidance with diffusers' rescale_noise_cfg (Lin et al. 2023, sec. 3.4)."""
     uncond, cond = uncond.double(), cond.double()

@@ -1,6 +1,6 @@
-"""Drop-in replacements for diffusers' ``DDPMScheduler`` and ``DDIMScheduler``, built on the fused
-steps of ``genkernels.diffusion``: an existing diffusers-style sampling loop runs with only the
-import changed.
+"""Drop-in replacements for diffusers' ``DDPMScheduler``, ``DDIMScheduler`` and
+``DPMSolverMultistepScheduler``, built on the fused steps of ``genkernels.diffusion``: an existing
+diffusers-style sampling loop runs with only the import changed.
 
 They accept diffusers' constructor arguments and offer ``set_timesteps``, ``scale_model_input``,
 ``add_noise``, ``get_velocity`` and ``step`` (returning ``prev_sample`` and ``pred_original_sample``).
@@ -11,6 +11,7 @@ timestep of the schedule (``diffusers_compat=True`` keeps diffusers' ``t - T // 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -20,7 +21,19 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .diffusion import NoiseSchedule, Timesteps, ddim_step, ddpm_step, q_sample
+from .diffusion import (
+    DPM_ALGORITHM_TYPES,
+    DPM_SOLVER_TYPES,
+    FINAL_SIGMAS_TYPES,
+    PREDICTION_TYPES,
+    NoiseSchedule,
+    Timesteps,
+    _half_log_snr,
+    ddim_step,
+    ddpm_step,
+    dpm_solver_step,
+    q_sample,
+)
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
@@ -40,7 +53,7 @@ class SchedulerOutput:
 
 
 class _Scheduler:
-    """What the two schedulers share: the noise schedule, inference timesteps and noising."""
+    """What the schedulers share: the noise schedule, inference timesteps and noising."""
 
     order = 1
     init_noise_sigma = 1.0
@@ -75,16 +88,21 @@ class _Scheduler:
     def alphas_cumprod(self) -> Tensor:
         return self.schedule.alphas_cumprod
 
-    def _spaced_timesteps(self, num_inference_steps: int) -> np.ndarray:
+    def _spaced_timesteps(self, num_inference_steps: int, *, extra: int = 0, last: Optional[int] = None) -> np.ndarray:
         """Inference timesteps, descending, for the configured spacing (diffusers' rules; Lin et al.
-        2023, table 2)."""
+        2023, table 2). ``linspace`` and ``leading`` space ``num_inference_steps + extra`` points
+        over [0, last) and keep the largest ``num_inference_steps`` (DPM-Solver: extra = 1, so
+        that the chain does not end at t = 0); ``last`` defaults to num_train_timesteps."""
         n, spacing = len(self.schedule), self.config.timestep_spacing
+        last = n if last is None else last
+        points = num_inference_steps + extra
         if spacing == "linspace":
-            return np.linspace(0, n - 1, num_inference_steps).round()[::-1].astype(np.int64)
+            return np.linspace(0, last - 1, points).round()[::-1][:num_inference_steps].astype(np.int64)
         if spacing == "leading":
-            ratio = n // num_inference_steps
-            return (np.arange(0, num_inference_steps) * ratio).round()[::-1].astype(np.int64) + self.config.steps_offset
-        return np.round(np.arange(n, 0, -n / num_inference_steps)).astype(np.int64) - 1
+            ratio = last // points
+            spaced = (np.arange(0, points) * ratio).round()[::-1][:num_inference_steps]
+            return spaced.astype(np.int64) + self.config.steps_offset
+        return np.round(np.arange(last, 0, -n / num_inference_steps)).astype(np.int64) - 1
 
     def _use_timesteps(self, timesteps: np.ndarray, device: Union[torch.device, str, None]) -> None:
         n = len(self.schedule)
@@ -272,4 +290,196 @@ class DDIMScheduler(_Scheduler):
             set_alpha_to_one=c.set_alpha_to_one, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
             generator=generator, noise=variance_noise,
         )
+        return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
+
+
+_NOT_IMPLEMENTED_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                          "use_flow_sigmas", "use_dynamic_shifting")
+
+
+class DPMSolverMultistepScheduler(_Scheduler):
+    """DPM-Solver++(2M) (Lu et al. 2022) with diffusers' arguments, ``dpmsolver++`` and
+    ``sde-dpmsolver++``, first or second order.
+
+    Like diffusers, ``step`` keeps the x0 prediction of the previous step in ``model_outputs`` and
+    takes the second-order update from the second step on, and the last step first order when
+    ``final_sigmas_type="zero"``, ``euler_at_final``, or ``lower_order_final`` with fewer than 15
+    steps. Each step is one ``dpm_solver_step``: the end of the chain is found per sample on the
+    device, so the loop never reads a timestep on the host (``step_index`` finds the first
+    timestep when read). ``step`` returns ``pred_original_sample`` too.
+
+    Not implemented (``NotImplementedError``): ``solver_order=3``, ``algorithm_type`` ``dpmsolver``
+    and ``sde-dpmsolver``, ``prediction_type="flow_prediction"`` and the sigma schedules
+    (``use_karras_sigmas``, ``use_exponential_sigmas``, ``use_beta_sigmas``, ``use_lu_lambdas``,
+    ``use_flow_sigmas``, ``use_dynamic_shifting``).
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Optional[Union[Sequence[float], Tensor]] = None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        algorithm_type: str = "dpmsolver++",
+        solver_type: str = "midpoint",
+        lower_order_final: bool = True,
+        euler_at_final: bool = False,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_lu_lambdas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        final_sigmas_type: str = "zero",
+        lambda_min_clipped: float = -math.inf,
+        variance_type: Optional[str] = None,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+    ) -> None:
+        fn = type(self).__name__
+        config = _arguments(locals())
+        config.pop("fn")
+        for name in _NOT_IMPLEMENTED_FLAGS:
+            if config[name]:
+                raise NotImplementedError(f"{fn}(): argument '{name}=True' is not implemented")
+        if _checks.integer(fn, "solver_order", solver_order, minimum=1) == 3:
+            raise NotImplementedError(f"{fn}(): argument 'solver_order=3' is not implemented; use 1 or 2")
+        if solver_order > 3:
+            raise ValueError(f"{fn}(): argument 'solver_order' must be 1 or 2, got {solver_order}")
+        for name, value, others in (("algorithm_type", algorithm_type, ("dpmsolver", "sde-dpmsolver")),
+                                    ("prediction_type", prediction_type, ("flow_prediction",))):
+            if value in others:
+                raise NotImplementedError(f"{fn}(): argument '{name}={value!r}' is not implemented")
+        _checks.choice(fn, "algorithm_type", algorithm_type, DPM_ALGORITHM_TYPES)
+        _checks.choice(fn, "prediction_type", prediction_type, PREDICTION_TYPES)
+        _checks.choice(fn, "solver_type", solver_type, DPM_SOLVER_TYPES)
+        _checks.choice(fn, "final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
+        _checks.choice(fn, "variance_type", variance_type, (None, "learned", "learned_range"))
+        if isinstance(lambda_min_clipped, bool) or not isinstance(lambda_min_clipped, (int, float)) or math.isnan(lambda_min_clipped):
+            raise TypeError(f"{fn}(): argument 'lambda_min_clipped' must be a real number, got {lambda_min_clipped!r}")
+        super().__init__(config)
+        if rescale_betas_zero_snr:
+            self.schedule = self.schedule._with_terminal_abar(2.0**-24)
+        self._reset()
+
+    def _reset(self) -> None:
+        order = self.config.solver_order
+        self.model_outputs: list[Optional[Tensor]] = [None] * order  # the latest x0 predictions, newest last
+        self._output_timesteps: list[Optional[Timesteps]] = [None] * order  # where they were predicted
+        self.lower_order_nums = 0
+        self._steps_done = 0
+        self._first_timestep: Optional[Timesteps] = None
+        self._begin_index: Optional[int] = None
+
+    def _spaced_timesteps(self, num_inference_steps: int) -> np.ndarray:
+        # diffusers' rule: one point more than steps, the last (t = 0) dropped, and no timestep
+        # whose lambda lies below lambda_min_clipped.
+        lam = _half_log_snr(self.schedule._abar64, self.schedule._one_minus_abar64)
+        clipped = int((lam < self.config.lambda_min_clipped).sum())
+        return super()._spaced_timesteps(num_inference_steps, extra=1, last=len(self.schedule) - clipped)
+
+    def set_timesteps(
+        self,
+        num_inference_steps: Optional[int] = None,
+        device: Union[torch.device, str, None] = None,
+        mu: Optional[float] = None,
+        timesteps: Optional[Sequence[int]] = None,
+    ) -> None:
+        """Chooses the inference timesteps (as ``_Scheduler.set_timesteps``) and starts a new chain."""
+        if mu is not None:
+            raise NotImplementedError(f"{type(self).__name__}.set_timesteps(): argument 'mu' (dynamic shifting) is not implemented")
+        super().set_timesteps(num_inference_steps, device, timesteps)
+        self.num_inference_steps = len(self.timesteps)
+        self._reset()
+
+    @property
+    def sigmas(self) -> Tensor:
+        """sqrt((1 - abar) / abar) at each inference timestep, then the final sigma (diffusers' table)."""
+        t = self.timesteps.cpu()
+        abar, one_minus = self.schedule._abar64.cpu(), self.schedule._one_minus_abar64.cpu()
+        last = 0.0 if self.config.final_sigmas_type == "zero" else math.sqrt(float(one_minus[0] / abar[0]))
+        return torch.cat([(one_minus[t] / abar[t]).sqrt(), torch.tensor([last], dtype=torch.float64)]).float()
+
+    @property
+    def begin_index(self) -> Optional[int]:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """The index in ``timesteps`` of the first step (diffusers' pipelines set it for img2img)."""
+        self._begin_index = _checks.integer(f"{type(self).__name__}.set_begin_index", "begin_index", begin_index, minimum=0)
+
+    def index_for_timestep(self, timestep: Timesteps, schedule_timesteps: Optional[Tensor] = None) -> int:
+        """The index of ``timestep`` in the schedule (the last index when absent), as diffusers finds it."""
+        schedule_timesteps = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        first = torch.as_tensor(timestep).reshape(-1)[0].to(schedule_timesteps.device)
+        found = (schedule_timesteps == first).nonzero()
+        if len(found) == 0:
+            return len(self.timesteps) - 1
+        return int(found[1 if len(found) > 1 else 0])
+
+    @property
+    def step_index(self) -> Optional[int]:
+        """diffusers' step counter: the index of the next step's timestep; None before the first step."""
+        if self._steps_done == 0:
+            return None
+        start = self._begin_index if self._begin_index is not None else self.index_for_timestep(self._first_timestep)
+        return start + self._steps_done
+
+    def _without_variance(self, model_output: Union[Tensor, Sequence[Tensor]], sample: Tensor) -> Union[Tensor, Sequence[Tensor]]:
+        """With a learned variance the model outputs [mean | variance] along dim 1; the solver takes the mean."""
+        if self.config.variance_type is None:
+            return model_output
+        channels = sample.shape[1] if sample.dim() >= 2 else 0
+
+        def mean(o: Tensor) -> Tensor:
+            return o[:, :channels] if isinstance(o, Tensor) and o.dim() >= 2 and o.shape[1] == 2 * channels else o
+
+        if isinstance(model_output, (tuple, list)):
+            return type(model_output)(mean(o) for o in model_output)
+        return mean(model_output)
+
+    def step(
+        self,
+        model_output: Union[Tensor, Sequence[Tensor]],
+        timestep: Timesteps,
+        sample: Tensor,
+        generator: Optional[torch.Generator] = None,
+        variance_noise: Optional[Tensor] = None,
+        return_dict: bool = True,
+        *,
+        guidance_scale: Optional[float] = None,
+        guidance_rescale: float = 0.0,
+    ) -> Union[SchedulerOutput, tuple[Tensor, Tensor]]:
+        """x_t -> x_{t_prev}, t_prev the next timestep of the chain; ``timestep`` may be per sample.
+        ``sde-dpmsolver++`` draws its noise in the kernel from ``generator``, or takes ``variance_noise``."""
+        if self.num_inference_steps is None:
+            raise ValueError(f"{type(self).__name__}.step(): call set_timesteps before step")
+        c = self.config
+        t = self._timestep(timestep, sample)
+        second = c.solver_order == 2 and self.lower_order_nums >= 1
+        prev, x0 = dpm_solver_step(
+            self._without_variance(model_output, sample), t, self.previous_timestep(t).to(sample.device), sample,
+            self.schedule, prev_x0=self.model_outputs[-1] if second else None,
+            prev_x0_t=self._output_timesteps[-1] if second else None, algorithm_type=c.algorithm_type,
+            solver_type=c.solver_type, prediction_type=c.prediction_type, final_sigmas_type=c.final_sigmas_type,
+            euler_at_final=bool(c.euler_at_final or (c.lower_order_final and len(self.timesteps) < 15)),
+            thresholding=c.thresholding, dynamic_thresholding_ratio=c.dynamic_thresholding_ratio,
+            sample_max_value=c.sample_max_value, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+            generator=generator, noise=variance_noise,
+        )
+        self.model_outputs = self.model_outputs[1:] + [x0]
+        self._output_timesteps = self._output_timesteps[1:] + [t]
+        self.lower_order_nums = min(self.lower_order_nums + 1, c.solver_order)
+        if self._steps_done == 0:
+            self._first_timestep = t
+        self._steps_done += 1
         return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
