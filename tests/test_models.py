@@ -86,6 +86,7 @@ def outputs(model, seed: int = 0) -> dict[str, torch.Tensor]:
             "loss": model.loss(x, labels, generator=g()),
             "sample": model.sample(3, labels[:3], guidance_scale=2.0, sampler="ddim", num_inference_steps=4, generator=g()),
             "ddpm": model.sample(2, None, sampler="ddpm", num_inference_steps=4, generator=g()),
+            "dpm": model.sample(3, labels[:3], guidance_scale=2.0, sampler="dpm", num_inference_steps=5, generator=g()),
         }
     real = torch.rand(4, 1, 16, 16, generator=g()) * 2 - 1
     fake = model(model.noise(4, g()))
@@ -356,3 +357,14 @@ def test_digits_without_scikit_learn_name_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # as if it were not installed
     with pytest.raises(ImportError, match=r"genkernels\[demo\]"):
         data.load_digits()
+
+
+def test_latent_diffusion_demo_reports_every_sampler(tmp_path, capsys):
+    out = str(tmp_path)
+    assert main(["demo", "vae", "--steps", "20", "--out", out]) == 0
+    assert main(["demo", "latent-diffusion", "--steps", "20", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    for figure in ("DDIM 50 steps", "DDPM 100 steps", "DPM-Solver++ 20 steps", "class histogram of 200 unconditional"):
+        assert figure in printed
+    for name in ("latent-diffusion-loss", "latent-diffusion-samples-ddim", "latent-diffusion-samples-ddpm"):
+        assert (tmp_path / f"{name}.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

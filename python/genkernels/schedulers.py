@@ -465,21 +465,37 @@ class DPMSolverMultistepScheduler(_Scheduler):
             raise ValueError(f"{type(self).__name__}.step(): call set_timesteps before step")
         c = self.config
         t = self._timestep(timestep, sample)
-        second = c.solver_order == 2 and self.lower_order_nums >= 1
+        prev_x0, prev_x0_t = self.history()
         prev, x0 = dpm_solver_step(
             self._without_variance(model_output, sample), t, self.previous_timestep(t).to(sample.device), sample,
-            self.schedule, prev_x0=self.model_outputs[-1] if second else None,
-            prev_x0_t=self._output_timesteps[-1] if second else None, algorithm_type=c.algorithm_type,
+            self.schedule, prev_x0=prev_x0, prev_x0_t=prev_x0_t, algorithm_type=c.algorithm_type,
             solver_type=c.solver_type, prediction_type=c.prediction_type, final_sigmas_type=c.final_sigmas_type,
-            euler_at_final=bool(c.euler_at_final or (c.lower_order_final and len(self.timesteps) < 15)),
-            thresholding=c.thresholding, dynamic_thresholding_ratio=c.dynamic_thresholding_ratio,
-            sample_max_value=c.sample_max_value, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-            generator=generator, noise=variance_noise,
+            euler_at_final=self.euler_at_final, thresholding=c.thresholding,
+            dynamic_thresholding_ratio=c.dynamic_thresholding_ratio, sample_max_value=c.sample_max_value,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, generator=generator, noise=variance_noise,
         )
+        self.record(x0, t)
+        return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
+
+    @property
+    def euler_at_final(self) -> bool:
+        """Whether the step to the final sigma is first order: asked for, or (``lower_order_final``)
+        in a chain of fewer than 15 steps, as diffusers decides it."""
+        c = self.config
+        return bool(c.euler_at_final or (c.lower_order_final and len(self.timesteps) < 15))
+
+    def history(self) -> tuple[Optional[Tensor], Optional[Timesteps]]:
+        """The previous step's x0 prediction and its timestep when the next step is second order,
+        else ``(None, None)``."""
+        if self.config.solver_order == 2 and self.lower_order_nums >= 1:
+            return self.model_outputs[-1], self._output_timesteps[-1]
+        return None, None
+
+    def record(self, x0: Tensor, t: Timesteps) -> None:
+        """Keeps a step's x0 prediction ``x0`` made at ``t`` for the next step (``step`` calls it)."""
         self.model_outputs = self.model_outputs[1:] + [x0]
         self._output_timesteps = self._output_timesteps[1:] + [t]
-        self.lower_order_nums = min(self.lower_order_nums + 1, c.solver_order)
+        self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
         if self._steps_done == 0:
             self._first_timestep = t
         self._steps_done += 1
-        return SchedulerOutput(prev, x0) if return_dict else (prev, x0)

@@ -18,7 +18,9 @@ from torch import Tensor
 from .. import attention, positional, reference, sampling
 from .._rng import draw_seed
 from ..diffusion import NoiseSchedule, q_sample
-from ..schedulers import DDIMScheduler, DDPMScheduler
+from ..schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+Scheduler = Union[DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler]
 
 BACKENDS = ("genkernels", "torch")
 _MASK32 = 0xFFFFFFFF
@@ -117,11 +119,11 @@ class Ops:
         x_t, _ = reference.q_sample(x0, t, schedule.alphas_cumprod.double(), noise)
         return x_t.to(x0.dtype), noise
 
-    def scheduler_step(self, scheduler: Union[DDPMScheduler, DDIMScheduler], model_output: Union[Tensor, tuple[Tensor, Tensor]],
+    def scheduler_step(self, scheduler: Scheduler, model_output: Union[Tensor, tuple[Tensor, Tensor]],
                        t: Tensor, sample: Tensor, guidance_scale: Optional[float] = None,
                        generator: Optional[torch.Generator] = None) -> Tensor:
         """``x_{t_prev}`` from ``sample`` at timesteps ``t`` ``(B,)``: one step of ``scheduler``
-        (DDPM, or deterministic DDIM), with classifier-free guidance when ``model_output`` is
+        (DDPM, deterministic DDIM or DPM-Solver++(2M)), with classifier-free guidance when ``model_output`` is
         ``(uncond, cond)``.
 
         DDIM recomputes the noise from the clipped x0 (``use_clipped_model_output``): at the
@@ -136,11 +138,18 @@ class Ops:
         config = scheduler.config
         abar = scheduler.schedule.alphas_cumprod.double()
         t_prev = scheduler.previous_timestep(t).to(sample.device)
-        clip = config.clip_sample_range if config.clip_sample else None
+        clip = config.clip_sample_range if getattr(config, "clip_sample", False) else None
         if isinstance(scheduler, DDPMScheduler):
             noise = _philox_normal(sample.shape, draw_seed(generator, sample.device), sample.dtype)
             prev, _ = reference.ddpm_step(model_output, t, t_prev, sample, abar, noise, prediction_type=config.prediction_type,
                                           variance_type=scheduler.variance_type, clip=clip)
+        elif isinstance(scheduler, DPMSolverMultistepScheduler):
+            prev_x0, prev_x0_t = scheduler.history()
+            prev, x0 = reference.dpm_solver_step(model_output, t, t_prev, sample, abar, prev_x0=prev_x0, prev_x0_t=prev_x0_t,
+                                                 algorithm_type=config.algorithm_type, solver_type=config.solver_type,
+                                                 prediction_type=config.prediction_type, final_sigmas_type=config.final_sigmas_type,
+                                                 euler_at_final=scheduler.euler_at_final)
+            scheduler.record(x0, t)
         else:
             final = 1.0 if config.set_alpha_to_one else float(abar[0])
             prev, _ = reference.ddim_step(model_output, t, t_prev, sample, abar, torch.zeros_like(sample),
