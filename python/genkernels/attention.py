@@ -435,7 +435,7 @@ def attention_with_kvcache(
         appended = key.shape[2]
     lo = hi = None
     if cache_seqlens.device.type == "cpu" and batch:
-        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
         if lo < 0 or hi + appended > capacity:
             raise ValueError(f"{fn}(): cache_seqlens + new tokens must lie in [0, {capacity}], got lengths from {lo} to {hi} with {appended} new")
     if appended and lo is not None and lo == hi:  # one length for all: a slice copy, a fifth of a scatter's cost
@@ -446,7 +446,9 @@ def attention_with_kvcache(
         rows = torch.arange(batch, device=cache_seqlens.device)[:, None]
         key_cache[rows, :, positions] = key.transpose(1, 2).to(key_cache.dtype)  # (B, L_new, H, E)
         value_cache[rows, :, positions] = value.transpose(1, 2).to(value_cache.dtype)
-    kv_lens = (cache_seqlens + appended).to(torch.int32)
+    kv_lens = cache_seqlens + appended if appended else cache_seqlens
+    if kv_lens.dtype != torch.int32 or not kv_lens.is_contiguous():
+        kv_lens = kv_lens.to(torch.int32).contiguous()
     scale = 1.0 / math.sqrt(dim) if scale is None else _checks.real(fn, "scale", scale)
     out, _ = _attention_forward(query, key_cache, value_cache, None, kv_lens, scale, -1, 0 if causal else -1, True, 0.0, None)
     return out

@@ -115,6 +115,9 @@ class Case:
     exact: bool = True  # outputs agree with the reference (False for ops that draw noise)
     devices: tuple[str, ...] = ("cpu", "cuda")
     items: Optional[tuple[str, Callable[..., float]]] = None  # (unit, count per call): report throughput
+    # The part of both callables that is not genkernels' to speed up (a sampling loop's denoiser),
+    # timed alone: the report gives the share of each library's time left to the rest.
+    common: Optional[Callable[..., Any]] = None
 
     def size(self, scale: str) -> Sizes:
         """The size for ``scale``: "full", "quick" or "tiny"."""
@@ -175,10 +178,10 @@ _SCHEDULER_ARGS = {"DDPM": dict(clip_sample=False), "DDIM": dict(clip_sample=Fal
 _STEP_T = 500  # the timestep each step case takes (in all three 50-step chains)
 
 
-def _scheduler(library: str, kind: str) -> Any:
-    """A DDPM, DDIM or DPM-Solver scheduler with 50 inference steps from genkernels or diffusers
-    (the baseline, when installed; else None), made once."""
-    key = f"{library}.{kind}"
+def _scheduler(library: str, kind: str, steps: int = 50) -> Any:
+    """A DDPM, DDIM or DPM-Solver scheduler with ``steps`` inference steps from genkernels or
+    diffusers (the baseline, when installed; else None), made once."""
+    key = f"{library}.{kind}.{steps}"
     if key not in _SCHEDULERS:
         if library == "diffusers":
             try:
@@ -189,7 +192,7 @@ def _scheduler(library: str, kind: str) -> Any:
         else:
             from . import schedulers as module
         scheduler = getattr(module, f"{kind}Scheduler")(**_SCHEDULER_ARGS[kind])
-        scheduler.set_timesteps(50)
+        scheduler.set_timesteps(steps)
         _SCHEDULERS[key] = scheduler
     return _SCHEDULERS[key]
 
@@ -255,6 +258,32 @@ def _noised_baseline(x0: Tensor, t: Tensor) -> Tensor:
     if theirs is not None:
         return theirs.add_noise(x0, noise, t)
     return reference.q_sample(x0, t.cpu(), _scheduler("genkernels", "DDPM").schedule._abar64.cpu(), noise)[0].float()
+
+
+def _denoiser_and_latents(device: torch.device, b: int, c: int, hw: int, steps: int) -> tuple:
+    """A tiny denoiser (a 1x1 convolution), latents and the step count of a sampling loop."""
+    denoiser = torch.nn.Conv2d(c, c, 1).to(device).requires_grad_(False)
+    with torch.no_grad():
+        denoiser.weight.copy_(0.1 * torch.eye(c).reshape(c, c, 1, 1))
+    return denoiser, _latents(device, b, c, hw)[1], steps
+
+
+def _ddim_loop(library: str) -> Callable[..., Tensor]:
+    """A deterministic DDIM sampling loop of ``steps`` steps with the library's scheduler
+    (diffusers', or the float64 reference formulas without diffusers)."""
+    def loop(denoiser: torch.nn.Module, x: Tensor, steps: int) -> Tensor:
+        scheduler = _scheduler(library, "DDIM", steps)
+        if scheduler is None:
+            scheduler = _scheduler("genkernels", "DDIM", steps)
+            abar = scheduler.schedule._abar64.to(x.device)
+            step = lambda m, t, x: reference.ddim_step(  # noqa: E731
+                m, t.expand(x.shape[0]), scheduler.previous_timestep(t).expand(x.shape[0]), x, abar, torch.zeros(1))[0].float()
+        else:
+            step = lambda m, t, x: scheduler.step(m, t, x).prev_sample  # noqa: E731
+        for t in scheduler.timesteps:
+            x = step(denoiser(x), t, x)
+        return x
+    return loop
 
 
 def _diffusion_case(name: str, kind: str, target: Target) -> Case:
@@ -402,6 +431,20 @@ CASES: list[Case] = [
     _diffusion_case("ddpm_step", "DDPM", Target(speedup=5, bandwidth=0.5)),
     _diffusion_case("ddim_step", "DDIM", Target(speedup=2, bandwidth=0.5)),
     _diffusion_case("dpm_solver_step", "DPMSolverMultistep", Target(speedup=2, bandwidth=0.5)),
+    Case(
+        # The scheduler's share of a whole sampling loop beside diffusers': per-step overhead
+        # matters once the denoiser is cheap.
+        name="ddim_loop",
+        shape="{steps} steps, ({b}, {c}, {hw}, {hw}), 1x1-conv denoiser",
+        inputs=_denoiser_and_latents,
+        genkernels=_ddim_loop("genkernels"),
+        reference=_ddim_loop("diffusers"),
+        common=lambda denoiser, x, steps: [denoiser(x) for _ in range(steps)],
+        bytes_moved=lambda b, c, hw, steps: 0,
+        full=dict(b=4, c=4, hw=64, steps=50),
+        quick=dict(b=1, c=4, hw=8, steps=5),
+        compile=False,
+    ),
     _attention_case("attention", False, dict(b=4, h=12, l=1024, s=1024, e=64), dict(b=1, h=2, l=128, s=128, e=64), Target(speedup=1.0)),
     _attention_case("attention_causal", True, dict(b=4, h=12, l=1024, s=1024, e=64), dict(b=1, h=2, l=128, s=128, e=64), Target(speedup=1.8)),
     _attention_case("attention_causal_long", True, dict(b=1, h=16, l=4096, s=4096, e=64), dict(b=1, h=2, l=256, s=256, e=64), Target(speedup=1.8)),
@@ -701,6 +744,7 @@ class CaseResult:
     compile_s: Optional[float] = None  # first call of the compiled reference: compilation + one run
     overhead_us: Optional[dict[str, float]] = None  # per call at the tiny size: genkernels, eager
     items: Optional[tuple[str, float]] = None  # (unit, count per call) of cases that report throughput
+    common: Optional[Timing] = None  # the case's common part alone (Case.common)
     speedup_eager: Optional[float] = None
     speedup_compiled: Optional[float] = None
     gbps: Optional[float] = None
@@ -751,6 +795,8 @@ def run_case(case: Case, settings: Settings, ceilings: Optional[Ceilings] = None
         message = str(exc).strip().splitlines()
         result.notes.append(f"genkernels failed: {type(exc).__name__}: {message[0] if message else ''}"[:200])
         return result
+    if case.common is not None:
+        result.common = measure(bind(case.common, args), settings)
     compiled, result.compile_s, note = _compile(case, args, settings)
     if note:
         result.notes.append(note)
@@ -885,6 +931,13 @@ def print_results(results: Sequence[CaseResult], settings: Settings, file=None) 
                  _num(r.items[1] / (r.eager.min_ms * 1e-3)), _num(r.speedup_eager, "x")] for r in throughput]
         print("\nmodels, genkernels backend against the torch backend (genkernels.reference ops), per second:", file=file)
         print(_table(["case", "unit", "genkernels", "torch", "ratio"], rows), file=file)
+
+    shares = [r for r in results if r.common and r.genkernels]
+    if shares:
+        rows = [[r.name, _num(r.common.min_ms), _num(100 * (1 - r.common.min_ms / r.genkernels.min_ms), "%"),
+                 _num(100 * (1 - r.common.min_ms / r.eager.min_ms), "%")] for r in shares]
+        print("\nshare of each library's time outside the common part (a loop's denoiser, timed alone):", file=file)
+        print(_table(["case", "common ms", "genkernels", "reference"], rows), file=file)
 
     overhead = [r for r in results if r.overhead_us]
     if overhead:

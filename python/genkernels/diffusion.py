@@ -15,7 +15,8 @@ intends (its own gives NaN), and 16-bit inputs are computed in float32.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -426,6 +427,43 @@ def _(sample, model, model_cond, variance, variance_input, prev_x0, noise, coeff
     return (torch.empty_like(x0) if want_prev else sample.new_empty(0)), x0
 
 
+CoeffsOf = Callable[[NoiseSchedule, Tensor, "_StepInputs"], Tensor]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A reverse step with its options checked: ``build(schedule, t, t_prev[, s1])`` makes the
+    coefficient rows of steps t -> t_prev (second order from an x0 predicted at s1), ``key`` names
+    the options (schedulers keep one table of rows per key)."""
+
+    key: tuple
+    build: Callable[..., Tensor]
+    limits: tuple[Optional[float], Optional[tuple[float, float]]]
+    draw_noise: bool
+    variance_type: Optional[str] = None
+
+
+def _step(fn: str, plan: _Plan, model_output: Union[Tensor, Sequence[Tensor]], t: Timesteps, sample: Tensor,
+          schedule: NoiseSchedule, coeffs_of: CoeffsOf, *, guidance_scale: Optional[float], guidance_rescale: float,
+          generator: Optional[torch.Generator], noise: Optional[Tensor], prev_x0: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """What every reverse step does around its coefficients: checks the tensors and timesteps,
+    takes the per-sample coefficient rows ``coeffs_of(schedule, t, inputs)`` (guidance columns
+    left at w = 0, scale 1), adds guidance and runs the kernel."""
+    inputs = _StepInputs(fn, model_output, sample, guidance_scale, guidance_rescale, noise, plan.variance_type, prev_x0)
+    schedule = _schedule_on(fn, schedule, inputs.device)
+    generator = _checks.generator(fn, generator)
+    t = _timesteps(fn, "t", t, inputs.batch, inputs.device, len(schedule), minimum=0)
+    learned = plan.variance_type if plan.variance_type in ("learned", "learned_range") else None
+    if learned and inputs.variance is None:
+        raise ValueError(f"{fn}(): variance_type={learned!r} needs a model output with twice the sample's channels (dim 1), got {tuple(inputs.model.shape)}")
+    coeffs = coeffs_of(schedule, t, inputs)
+    if inputs.cond is not None:
+        coeffs[:, _S["guide_w"]] = inputs.w
+        coeffs[:, _S["guide_scale"]] = inputs.guide_scale()
+    return _run_step(inputs, coeffs, thresholding=plan.limits[1], draw_noise=plan.draw_noise, generator=generator,
+                     variance_input=learned)
+
+
 def _run_step(inputs: _StepInputs, coeffs: Tensor, *, thresholding: Optional[tuple[float, float]],
               draw_noise: bool, generator: Optional[torch.Generator], variance_input: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """Runs the step kernel; with dynamic thresholding (ratio, max) a first pass predicts x0 to find
@@ -454,15 +492,27 @@ def _limits(clip_sample: bool, clip_sample_range: float, thresholding: bool, rat
     return (clip_sample_range if clip_sample else None), None
 
 
-def _step_coeffs(inputs: _StepInputs, abar: Tensor, one_minus: Tensor, prediction_type: str, clip: Optional[float]) -> Tensor:
-    """The coefficient table with guidance and the x0 prediction filled in, the rest zero."""
-    k = torch.zeros(inputs.batch, len(_S), dtype=torch.float64, device=inputs.device)
-    k[:, _S["guide_w"]] = inputs.w
-    k[:, _S["guide_scale"]] = inputs.guide_scale()
+def _base_coeffs(abar: Tensor, one_minus: Tensor, prediction_type: str, clip: Optional[float]) -> Tensor:
+    """Coefficient rows with the x0 prediction and its clip range filled in, no guidance
+    (w = 0, scale 1), the rest zero."""
+    k = torch.zeros(abar.shape[0], len(_S), dtype=torch.float64, device=abar.device)
+    k[:, _S["guide_scale"]] = 1.0
     k[:, _S["x0_from_x"]], k[:, _S["x0_from_e"]] = _x0_coeffs(prediction_type, abar, one_minus)
     k[:, _S["clip_lo"]], k[:, _S["clip_hi"]] = (-clip, clip) if clip is not None else (-math.inf, math.inf)
     k[:, _S["clip_div"]] = 1.0
     return k
+
+
+def _explicit(fn: str, build: Callable[..., Tensor], t_prev: Optional[Timesteps], s1: Optional[Timesteps] = None) -> CoeffsOf:
+    """The coefficients of steps from t to a given t_prev (None: t - 1), second order from an x0
+    predicted at a given s1, both checked."""
+    def coeffs_of(schedule: NoiseSchedule, t: Tensor, inputs: _StepInputs) -> Tensor:
+        n = len(schedule)
+        prev = t - 1 if t_prev is None else _timesteps(fn, "t_prev", t_prev, inputs.batch, inputs.device, n, minimum=-1)
+        if s1 is None:
+            return build(schedule, t, prev)
+        return build(schedule, t, prev, _timesteps(fn, "prev_x0_t", s1, inputs.batch, inputs.device, n, minimum=0))
+    return coeffs_of
 
 
 def ddpm_step(
@@ -499,22 +549,32 @@ def ddpm_step(
     the same pass.
     """
     fn = "ddpm_step"
+    plan = _ddpm_plan(fn, prediction_type, variance_type, clip_sample, clip_sample_range, thresholding,
+                      dynamic_thresholding_ratio, sample_max_value)
+    return _step(fn, plan, model_output, t, sample, schedule, _explicit(fn, plan.build, t_prev),
+                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, generator=generator, noise=noise)
+
+
+def _ddpm_plan(fn: str, prediction_type: str, variance_type: str, clip_sample: bool, clip_sample_range: float,
+               thresholding: bool, dynamic_thresholding_ratio: float, sample_max_value: float) -> _Plan:
     prediction_type = _checks.choice(fn, "prediction_type", prediction_type, PREDICTION_TYPES)
     variance_type = _checks.choice(fn, "variance_type", variance_type, VARIANCE_TYPES)
-    inputs = _StepInputs(fn, model_output, sample, guidance_scale, guidance_rescale, noise, variance_type)
-    schedule = _schedule_on(fn, schedule, inputs.device)
-    generator = _checks.generator(fn, generator)
-    t = _timesteps(fn, "t", t, inputs.batch, inputs.device, len(schedule), minimum=0)
-    t_prev = t - 1 if t_prev is None else _timesteps(fn, "t_prev", t_prev, inputs.batch, inputs.device, len(schedule), minimum=-1)
-    if inputs.variance is None and variance_type in ("learned", "learned_range"):
-        raise ValueError(f"{fn}(): variance_type={variance_type!r} needs a model output with twice the sample's channels (dim 1), got {tuple(inputs.model.shape)}")
+    limits = _limits(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)
+    return _Plan(
+        key=("ddpm", prediction_type, variance_type, limits),
+        build=lambda schedule, t, t_prev: _ddpm_coeffs(schedule, t, t_prev, prediction_type, variance_type, limits[0]),
+        limits=limits, draw_noise=True, variance_type=variance_type,
+    )
 
+
+def _ddpm_coeffs(schedule: NoiseSchedule, t: Tensor, t_prev: Tensor, prediction_type: str, variance_type: str,
+                 clip: Optional[float]) -> Tensor:
+    """Coefficient rows of DDPM steps t -> t_prev."""
     abar, one_minus = schedule._gather(t)
     abar_prev, one_minus_prev = schedule._gather(t_prev, final=1.0)
     alpha = abar / abar_prev  # of the step t_prev -> t
     beta = 1.0 - alpha
-    clip, threshold = _limits(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)
-    k = _step_coeffs(inputs, abar, one_minus, prediction_type, clip)
+    k = _base_coeffs(abar, one_minus, prediction_type, clip)
     # Posterior mean (Ho et al. 2020, eq. 7).
     k[:, _S["out_x0"]] = abar_prev.sqrt() * beta / one_minus
     k[:, _S["out_x"]] = alpha.sqrt() * one_minus_prev / one_minus
@@ -527,8 +587,7 @@ def ddpm_step(
         std = torch.ones_like(beta)
         k[:, _S["log_var_min"]], k[:, _S["log_var_max"]] = variance.log(), beta.log()
     k[:, _S["noise_std"]] = torch.where(t > 0, std, 0.0)
-    learned = variance_type if variance_type in ("learned", "learned_range") else None
-    return _run_step(inputs, k, thresholding=threshold, draw_noise=True, generator=generator, variance_input=learned)
+    return k
 
 
 def ddim_step(
@@ -560,21 +619,35 @@ def ddim_step(
     timestep, in one pass. Guidance as in ``ddpm_step``.
     """
     fn = "ddim_step"
+    plan = _ddim_plan(fn, eta, prediction_type, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+                      sample_max_value, use_clipped_model_output, set_alpha_to_one)
+    return _step(fn, plan, model_output, t, sample, schedule, _explicit(fn, plan.build, t_prev),
+                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, generator=generator, noise=noise)
+
+
+def _ddim_plan(fn: str, eta: float, prediction_type: str, clip_sample: bool, clip_sample_range: float,
+               thresholding: bool, dynamic_thresholding_ratio: float, sample_max_value: float,
+               use_clipped_model_output: bool, set_alpha_to_one: bool) -> _Plan:
     prediction_type = _checks.choice(fn, "prediction_type", prediction_type, PREDICTION_TYPES)
     eta = _checks.real(fn, "eta", eta)
     if eta < 0:
         raise ValueError(f"{fn}(): argument 'eta' must be >= 0, got {eta}")
-    inputs = _StepInputs(fn, model_output, sample, guidance_scale, guidance_rescale, noise)
-    schedule = _schedule_on(fn, schedule, inputs.device)
-    generator = _checks.generator(fn, generator)
-    t = _timesteps(fn, "t", t, inputs.batch, inputs.device, len(schedule), minimum=0)
-    t_prev = _timesteps(fn, "t_prev", t_prev, inputs.batch, inputs.device, len(schedule), minimum=-1)
+    limits = _limits(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)
+    options = (eta, prediction_type, limits[0], bool(use_clipped_model_output), bool(set_alpha_to_one))
+    return _Plan(
+        key=("ddim", *options, limits),
+        build=lambda schedule, t, t_prev: _ddim_coeffs(schedule, t, t_prev, *options),
+        limits=limits, draw_noise=eta > 0,
+    )
 
+
+def _ddim_coeffs(schedule: NoiseSchedule, t: Tensor, t_prev: Tensor, eta: float, prediction_type: str,
+                 clip: Optional[float], use_clipped_model_output: bool, set_alpha_to_one: bool) -> Tensor:
+    """Coefficient rows of DDIM steps t -> t_prev."""
     abar, one_minus = schedule._gather(t)
     final = 1.0 if set_alpha_to_one else schedule._abar0
     abar_prev, one_minus_prev = schedule._gather(t_prev, final=final)
-    clip, threshold = _limits(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)
-    k = _step_coeffs(inputs, abar, one_minus, prediction_type, clip)
+    k = _base_coeffs(abar, one_minus, prediction_type, clip)
     # The noise the step follows: the model's, or recomputed from the (clipped) x0.
     if use_clipped_model_output or prediction_type == "sample":
         source = "eps_from_x0" if use_clipped_model_output else "eps_from_e"
@@ -588,7 +661,7 @@ def ddim_step(
     k[:, _S["out_x0"]] = abar_prev.sqrt()
     k[:, _S["out_eps"]] = (one_minus_prev - std**2).sqrt()
     k[:, _S["noise_std"]] = std
-    return _run_step(inputs, k, thresholding=threshold, draw_noise=eta > 0, generator=generator)
+    return k
 
 
 def _half_log_snr(abar: Tensor, one_minus: Tensor) -> Tensor:
@@ -645,26 +718,42 @@ def dpm_solver_step(
     ``ddpm_step``. The per-sample coefficients are computed in float64 on the data's device.
     """
     fn = "dpm_solver_step"
+    if (prev_x0 is None) != (prev_x0_t is None):
+        raise ValueError(f"{fn}(): pass both 'prev_x0' and 'prev_x0_t' (second order) or neither (first order)")
+    plan = _dpm_plan(fn, algorithm_type, solver_type, prediction_type, final_sigmas_type, euler_at_final, clip_sample,
+                     clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)
+    return _step(fn, plan, model_output, t, sample, schedule, _explicit(fn, plan.build, t_prev, prev_x0_t),
+                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, generator=generator, noise=noise,
+                 prev_x0=prev_x0)
+
+
+def _dpm_plan(fn: str, algorithm_type: str, solver_type: str, prediction_type: str, final_sigmas_type: str,
+              euler_at_final: bool, clip_sample: bool, clip_sample_range: float, thresholding: bool,
+              dynamic_thresholding_ratio: float, sample_max_value: float) -> _Plan:
     algorithm_type = _checks.choice(fn, "algorithm_type", algorithm_type, DPM_ALGORITHM_TYPES)
     solver_type = _checks.choice(fn, "solver_type", solver_type, DPM_SOLVER_TYPES)
     prediction_type = _checks.choice(fn, "prediction_type", prediction_type, PREDICTION_TYPES)
     final_sigmas_type = _checks.choice(fn, "final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
     if not isinstance(euler_at_final, bool):
         raise TypeError(f"{fn}(): argument 'euler_at_final' must be a bool, got {type(euler_at_final).__name__}")
-    if (prev_x0 is None) != (prev_x0_t is None):
-        raise ValueError(f"{fn}(): pass both 'prev_x0' and 'prev_x0_t' (second order) or neither (first order)")
-    inputs = _StepInputs(fn, model_output, sample, guidance_scale, guidance_rescale, noise, prev_x0=prev_x0)
-    schedule = _schedule_on(fn, schedule, inputs.device)
-    generator = _checks.generator(fn, generator)
-    n = len(schedule)
-    t = _timesteps(fn, "t", t, inputs.batch, inputs.device, n, minimum=0)
-    t_prev = _timesteps(fn, "t_prev", t_prev, inputs.batch, inputs.device, n, minimum=-1)
+    limits = _limits(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)
+    options = (algorithm_type, solver_type, prediction_type, final_sigmas_type, euler_at_final, limits[0])
+    return _Plan(
+        key=("dpm", *options, limits),
+        build=lambda schedule, t, t_prev, s1=None: _dpm_coeffs(schedule, t, t_prev, s1, *options),
+        limits=limits, draw_noise=algorithm_type == "sde-dpmsolver++",
+    )
 
+
+def _dpm_coeffs(schedule: NoiseSchedule, t: Tensor, t_prev: Tensor, s1: Optional[Tensor], algorithm_type: str,
+                solver_type: str, prediction_type: str, final_sigmas_type: str, euler_at_final: bool,
+                clip: Optional[float]) -> Tensor:
+    """Coefficient rows of DPM-Solver++ steps t -> t_prev: first order, or second order from the
+    x0 predicted at s1."""
     abar, one_minus = schedule._gather(t)
     final = 1.0 if final_sigmas_type == "zero" else schedule._abar0
     abar_prev, one_minus_prev = schedule._gather(t_prev, final=final)
-    clip, threshold = _limits(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)
-    k = _step_coeffs(inputs, abar, one_minus, prediction_type, clip)
+    k = _base_coeffs(abar, one_minus, prediction_type, clip)
     h = _half_log_snr(abar_prev, one_minus_prev) - _half_log_snr(abar, one_minus)
     alpha_prev = abar_prev.sqrt()
     sigma_ratio = (one_minus_prev / one_minus).sqrt()  # sigma_{t_prev} / sigma_t
@@ -673,8 +762,7 @@ def dpm_solver_step(
     phi = -torch.expm1(-decay * h)  # 1 - e^-h, or 1 - e^-2h for the SDE
     k[:, _S["out_x"]] = sigma_ratio * torch.exp(-h) if sde else sigma_ratio
     x0_weight = alpha_prev * phi
-    if inputs.prev_x0 is not None:
-        s1 = _timesteps(fn, "prev_x0_t", prev_x0_t, inputs.batch, inputs.device, n, minimum=0)
+    if s1 is not None:
         abar1, one_minus1 = schedule._gather(s1)
         h0 = _half_log_snr(abar, one_minus) - _half_log_snr(abar1, one_minus1)
         # The term d1_weight * D1 with D1 = (x0 - prev_x0) h / h0, split between x0 and prev_x0.
@@ -687,4 +775,4 @@ def dpm_solver_step(
         k[:, _S["out_x0"]] = x0_weight
     if sde:
         k[:, _S["noise_std"]] = one_minus_prev.sqrt() * phi.sqrt()
-    return _run_step(inputs, k, thresholding=threshold, draw_noise=sde, generator=generator)
+    return k

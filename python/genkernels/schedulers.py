@@ -6,7 +6,9 @@ They accept diffusers' constructor arguments and offer ``set_timesteps``, ``scal
 ``add_noise``, ``get_velocity`` and ``step`` (returning ``prev_sample`` and ``pred_original_sample``).
 Beyond diffusers: ``step`` takes a timestep per batch element and guidance (``model_output=(uncond,
 cond)`` with ``guidance_scale``), never reads a timestep on the host, and DDIM steps to the next
-timestep of the schedule (``diffusers_compat=True`` keeps diffusers' ``t - T // N`` rule).
+timestep of the schedule (``diffusers_compat=True`` keeps diffusers' ``t - T // N`` rule). A
+scheduler computes its steps' coefficients once per ``set_timesteps``, for every timestep, and a
+step looks its rows up, so a step costs a kernel launch and a gather.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ from .diffusion import (
     DPM_SOLVER_TYPES,
     FINAL_SIGMAS_TYPES,
     PREDICTION_TYPES,
+    CoeffsOf,
     NoiseSchedule,
     Timesteps,
+    _ddim_plan,
+    _ddpm_plan,
+    _dpm_plan,
     _half_log_snr,
-    ddim_step,
-    ddpm_step,
-    dpm_solver_step,
+    _Plan,
+    _step,
     q_sample,
 )
 
@@ -72,6 +77,9 @@ class _Scheduler:
         self.timesteps = torch.arange(n - 1, -1, -1, dtype=torch.int64)
         # prev_of[t + 1] = the timestep after t in the chain (-1 at its end); indexed on the device.
         self._prev_of = torch.arange(-2, n - 1, dtype=torch.int64)
+        # before_of[t] = the timestep before t in the chain (t itself where there is none).
+        self._before_of = torch.arange(1, n + 1, dtype=torch.int64).clamp(max=n - 1)
+        self._tables: dict[tuple, Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.schedule)
@@ -112,8 +120,12 @@ class _Scheduler:
             raise ValueError(f"{type(self).__name__}: timesteps must be strictly decreasing, got {timesteps.tolist()}")
         prev_of = np.arange(-2, n - 1, dtype=np.int64)
         prev_of[timesteps + 1] = np.append(timesteps[1:], -1)
+        before_of = np.minimum(np.arange(1, n + 1, dtype=np.int64), n - 1)
+        before_of[timesteps[1:]] = timesteps[:-1]
         self.timesteps = torch.from_numpy(timesteps.copy()).to(device)
         self._prev_of = torch.from_numpy(prev_of).to(device)
+        self._before_of = torch.from_numpy(before_of).to(device)
+        self._tables = {}
         self.schedule = self.schedule.to(self.timesteps.device)
 
     def set_timesteps(
@@ -141,6 +153,23 @@ class _Scheduler:
         """The timestep the chain steps to from ``timestep`` (-1 at its end), as a tensor."""
         t = torch.as_tensor(timestep, device=self._prev_of.device)
         return self._prev_of[t + 1]
+
+    def _coefficients(self, plan: _Plan, second_order: bool = False) -> CoeffsOf:
+        """A step's per-sample coefficient rows, looked up in a table of every training timestep t
+        stepping to ``previous_timestep(t)`` (second order: from the x0 predicted at the chain's
+        timestep before t, as diffusers takes it), built once per plan and device after
+        ``set_timesteps``: a step gathers its rows instead of computing them in some twenty small
+        tensor operations."""
+        def coeffs_of(schedule: NoiseSchedule, t: Tensor, inputs: Any) -> Tensor:
+            key = (plan.key, second_order, schedule.device)
+            table = self._tables.get(key)
+            if table is None:
+                every = torch.arange(len(schedule), device=schedule.device)
+                prev = self.previous_timestep(every).to(schedule.device)
+                before = (self._before_of.to(schedule.device),) if second_order else ()
+                table = self._tables[key] = plan.build(schedule, every, prev, *before)
+            return table[t]
+        return coeffs_of
 
     def scale_model_input(self, sample: Tensor, timestep: Optional[Timesteps] = None) -> Tensor:
         """The model input for ``sample`` at ``timestep``: the sample itself for DDPM and DDIM."""
@@ -209,15 +238,12 @@ class DDPMScheduler(_Scheduler):
         noise: Optional[Tensor] = None,
     ) -> Union[SchedulerOutput, tuple[Tensor, Tensor]]:
         """x_t -> x_{t_prev}, t_prev the next timestep of the chain; ``timestep`` may be per sample."""
-        c = self.config
-        t = self._timestep(timestep, sample)
-        prev, x0 = ddpm_step(
-            model_output, t, sample, self.schedule, t_prev=self.previous_timestep(t).to(sample.device),
-            prediction_type=c.prediction_type, variance_type=c.variance_type, clip_sample=c.clip_sample,
-            clip_sample_range=c.clip_sample_range, thresholding=c.thresholding,
-            dynamic_thresholding_ratio=c.dynamic_thresholding_ratio, sample_max_value=c.sample_max_value,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, generator=generator, noise=noise,
-        )
+        c, fn = self.config, "DDPMScheduler.step"
+        plan = _ddpm_plan(fn, c.prediction_type, c.variance_type, c.clip_sample, c.clip_sample_range, c.thresholding,
+                          c.dynamic_thresholding_ratio, c.sample_max_value)
+        prev, x0 = _step(fn, plan, model_output, self._timestep(timestep, sample), sample, self.schedule,
+                         self._coefficients(plan), guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                         generator=generator, noise=noise)
         return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
 
 
@@ -280,16 +306,12 @@ class DDIMScheduler(_Scheduler):
         """x_t -> x_{t_prev}; ``eta`` scales the noise (0: deterministic DDIM, 1: DDPM-like)."""
         if variance_noise is not None and generator is not None:
             raise ValueError("DDIMScheduler.step(): pass at most one of 'generator' and 'variance_noise'")
-        c = self.config
-        t = self._timestep(timestep, sample)
-        prev, x0 = ddim_step(
-            model_output, t, self.previous_timestep(t).to(sample.device), sample, self.schedule, eta=eta,
-            prediction_type=c.prediction_type, clip_sample=c.clip_sample, clip_sample_range=c.clip_sample_range,
-            thresholding=c.thresholding, dynamic_thresholding_ratio=c.dynamic_thresholding_ratio,
-            sample_max_value=c.sample_max_value, use_clipped_model_output=use_clipped_model_output,
-            set_alpha_to_one=c.set_alpha_to_one, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-            generator=generator, noise=variance_noise,
-        )
+        c, fn = self.config, "DDIMScheduler.step"
+        plan = _ddim_plan(fn, eta, c.prediction_type, c.clip_sample, c.clip_sample_range, c.thresholding,
+                          c.dynamic_thresholding_ratio, c.sample_max_value, use_clipped_model_output, c.set_alpha_to_one)
+        prev, x0 = _step(fn, plan, model_output, self._timestep(timestep, sample), sample, self.schedule,
+                         self._coefficients(plan), guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                         generator=generator, noise=variance_noise)
         return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
 
 
@@ -304,8 +326,9 @@ class DPMSolverMultistepScheduler(_Scheduler):
     Like diffusers, ``step`` keeps the x0 prediction of the previous step in ``model_outputs`` and
     takes the second-order update from the second step on, and the last step first order when
     ``final_sigmas_type="zero"``, ``euler_at_final``, or ``lower_order_final`` with fewer than 15
-    steps. Each step is one ``dpm_solver_step``: the end of the chain is found per sample on the
-    device, so the loop never reads a timestep on the host (``step_index`` finds the first
+    steps. Each step is one ``dpm_solver_step`` (its second-order term from the x0 predicted at
+    the chain's previous timestep, as in diffusers): the end of the chain is found per sample on
+    the device, so the loop never reads a timestep on the host (``step_index`` finds the first
     timestep when read). ``step`` returns ``pred_original_sample`` too.
 
     Not implemented (``NotImplementedError``): ``solver_order=3``, ``algorithm_type`` ``dpmsolver``
@@ -463,17 +486,14 @@ class DPMSolverMultistepScheduler(_Scheduler):
         ``sde-dpmsolver++`` draws its noise in the kernel from ``generator``, or takes ``variance_noise``."""
         if self.num_inference_steps is None:
             raise ValueError(f"{type(self).__name__}.step(): call set_timesteps before step")
-        c = self.config
+        c, fn = self.config, "DPMSolverMultistepScheduler.step"
         t = self._timestep(timestep, sample)
-        prev_x0, prev_x0_t = self.history()
-        prev, x0 = dpm_solver_step(
-            self._without_variance(model_output, sample), t, self.previous_timestep(t).to(sample.device), sample,
-            self.schedule, prev_x0=prev_x0, prev_x0_t=prev_x0_t, algorithm_type=c.algorithm_type,
-            solver_type=c.solver_type, prediction_type=c.prediction_type, final_sigmas_type=c.final_sigmas_type,
-            euler_at_final=self.euler_at_final, thresholding=c.thresholding,
-            dynamic_thresholding_ratio=c.dynamic_thresholding_ratio, sample_max_value=c.sample_max_value,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, generator=generator, noise=variance_noise,
-        )
+        prev_x0, _ = self.history()
+        plan = _dpm_plan(fn, c.algorithm_type, c.solver_type, c.prediction_type, c.final_sigmas_type, self.euler_at_final,
+                         False, 1.0, c.thresholding, c.dynamic_thresholding_ratio, c.sample_max_value)
+        prev, x0 = _step(fn, plan, self._without_variance(model_output, sample), t, sample, self.schedule,
+                         self._coefficients(plan, second_order=prev_x0 is not None), guidance_scale=guidance_scale,
+                         guidance_rescale=guidance_rescale, generator=generator, noise=variance_noise, prev_x0=prev_x0)
         self.record(x0, t)
         return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
 
