@@ -108,3 +108,27 @@ def test_scheduler_argument_errors():
         s.set_timesteps(timesteps=[10, 20])
     with pytest.raises(ValueError, match="exactly one"):
         s.set_timesteps()
+
+
+@pytest.mark.parametrize("kind", ["DDPM", "DDIM", "DPMSolverMultistep"])
+def test_step_equals_the_op_for_its_previous_timestep_after_every_set_timesteps(kind):
+    """A scheduler gathers its coefficients from a table made per set_timesteps: steps from the
+    same timestep of two schedules equal the op called with each schedule's previous timestep."""
+    from genkernels.diffusion import ddim_step, ddpm_step, dpm_solver_step
+
+    scheduler = getattr(schedulers, f"{kind}Scheduler")()
+    x, m, noise = torch.randn(3, 2, 4, 4, dtype=torch.float64).unbind(0)
+    t = torch.tensor([500, 500])
+    for chain in ([900, 500, 100], [700, 500, 300]):
+        scheduler.set_timesteps(timesteps=chain)
+        prev = scheduler.previous_timestep(t)
+        if kind == "DDPM":
+            ours = scheduler.step(m, t, x, noise=noise).prev_sample
+            expected = ddpm_step(m, t, x, scheduler.schedule, t_prev=prev, noise=noise)[0]
+        elif kind == "DDIM":
+            ours = scheduler.step(m, t, x).prev_sample
+            expected = ddim_step(m, t, prev, x, scheduler.schedule, clip_sample=True)[0]
+        else:
+            ours = scheduler.step(m, t, x).prev_sample  # first order: the first step of a chain
+            expected = dpm_solver_step(m, t, prev, x, scheduler.schedule)[0]
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0)
