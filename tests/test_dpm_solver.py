@@ -445,3 +445,15 @@ def test_exact_denoiser_samples_the_data_distribution(algorithm_type):
     n = x.shape[0] * x.shape[2]
     torch.testing.assert_close(mean, mu.flatten(), rtol=0, atol=4 * float(expected_std.max()) / math.sqrt(n))
     torch.testing.assert_close(spread, expected_std, rtol=0.025 if algorithm_type == "dpmsolver++" else 0.08, atol=0)
+
+
+def test_scheduler_clips_x0_when_asked():
+    """clip_sample (beyond diffusers) clips the x0 prediction as dpm_solver_step's clip_sample does."""
+    scheduler = schedulers.DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=True, clip_sample_range=2.0)
+    scheduler.set_timesteps(10)
+    x, m = torch.randn(2, 2, 3, 3, dtype=torch.float64).unbind(0)
+    t = scheduler.timesteps[0]
+    out = scheduler.step(m, t, x)
+    expected = dpm_solver_step(m, t, scheduler.previous_timestep(t), x, scheduler.schedule, clip_sample=True, clip_sample_range=2.0)
+    torch.testing.assert_close(out.prev_sample, expected[0], rtol=0, atol=0)
+    assert out.pred_original_sample.abs().max() <= 2.0

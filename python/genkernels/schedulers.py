@@ -331,6 +331,10 @@ class DPMSolverMultistepScheduler(_Scheduler):
     the device, so the loop never reads a timestep on the host (``step_index`` finds the first
     timestep when read). ``step`` returns ``pred_original_sample`` too.
 
+    Beyond diffusers: ``clip_sample``/``clip_sample_range`` clip the x0 prediction as the DDPM and
+    DDIM schedulers do (off by default, as diffusers has no such option); with schedules whose
+    first sigma is huge (``squaredcos_cap_v2``) a model's x0 from pure noise is otherwise wild.
+
     Not implemented (``NotImplementedError``): ``solver_order=3``, ``algorithm_type`` ``dpmsolver``
     and ``sde-dpmsolver``, ``prediction_type="flow_prediction"`` and the sigma schedules
     (``use_karras_sigmas``, ``use_exponential_sigmas``, ``use_beta_sigmas``, ``use_lu_lambdas``,
@@ -367,6 +371,8 @@ class DPMSolverMultistepScheduler(_Scheduler):
         rescale_betas_zero_snr: bool = False,
         use_dynamic_shifting: bool = False,
         time_shift_type: str = "exponential",
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
     ) -> None:
         fn = type(self).__name__
         config = _arguments(locals())
@@ -490,7 +496,8 @@ class DPMSolverMultistepScheduler(_Scheduler):
         t = self._timestep(timestep, sample)
         prev_x0, _ = self.history()
         plan = _dpm_plan(fn, c.algorithm_type, c.solver_type, c.prediction_type, c.final_sigmas_type, self.euler_at_final,
-                         False, 1.0, c.thresholding, c.dynamic_thresholding_ratio, c.sample_max_value)
+                         c.clip_sample, c.clip_sample_range, c.thresholding, c.dynamic_thresholding_ratio,
+                         c.sample_max_value)
         prev, x0 = _step(fn, plan, self._without_variance(model_output, sample), t, sample, self.schedule,
                          self._coefficients(plan, second_order=prev_x0 is not None), guidance_scale=guidance_scale,
                          guidance_rescale=guidance_rescale, generator=generator, noise=variance_noise, prev_x0=prev_x0)

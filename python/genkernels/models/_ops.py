@@ -148,7 +148,7 @@ class Ops:
             prev, x0 = reference.dpm_solver_step(model_output, t, t_prev, sample, abar, prev_x0=prev_x0, prev_x0_t=prev_x0_t,
                                                  algorithm_type=config.algorithm_type, solver_type=config.solver_type,
                                                  prediction_type=config.prediction_type, final_sigmas_type=config.final_sigmas_type,
-                                                 euler_at_final=scheduler.euler_at_final)
+                                                 euler_at_final=scheduler.euler_at_final, clip=clip)
             scheduler.record(x0, t)
         else:
             final = 1.0 if config.set_alpha_to_one else float(abar[0])

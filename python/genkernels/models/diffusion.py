@@ -189,7 +189,7 @@ class DiffusionModel(nn.Module):
         if sampler == "ddim":
             return DDIMScheduler(**schedule, **clip)
         if sampler == "dpm":
-            return DPMSolverMultistepScheduler(**schedule)
+            return DPMSolverMultistepScheduler(**schedule, **clip)
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
 
     @torch.no_grad()
