@@ -7,6 +7,11 @@
 
 namespace gk {
 
+// Elements of a streaming kernel worth waking another thread for: some 50-150 us of work on one
+// core. A sleeping worker takes tens of microseconds to wake (more on virtual machines), so
+// smaller jobs run on fewer threads.
+constexpr int64_t kMinTaskElements = int64_t{1} << 16;
+
 // Runs fn(ctx, begin, end) over disjoint ranges covering [0, n), each of at least `grain`
 // items (except the last), on up to `threads` threads including the caller. Runs inline when
 // the work is too small to share or when the pool is already busy (nested or concurrent calls).

@@ -19,7 +19,7 @@ template <class Piece>
 void for_each_piece(int64_t batch, int64_t row, const int64_t* seed, int threads, Piece&& piece) {
   const int64_t n = batch * row;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
-  parallel_for(blocks, 4, threads, [&](int64_t begin, int64_t end) {
+  parallel_for(blocks, kMinTaskElements / kBlock, threads, [&](int64_t begin, int64_t end) {
     float z[kBlock];
     for (int64_t b = begin; b < end; ++b) {
       const int64_t first = b * kBlock;

@@ -90,7 +90,7 @@ template <class Consume>
 void for_each_normal_block(int64_t n, const int64_t* seed, int threads, Consume&& consume) {
   const uint64_t key = static_cast<uint64_t>(seed[0]), offset = static_cast<uint64_t>(seed[1]);
   const int64_t blocks = (n + kBlock - 1) / kBlock;
-  parallel_for(blocks, 4, threads, [&](int64_t begin, int64_t end) {
+  parallel_for(blocks, kMinTaskElements / kBlock, threads, [&](int64_t begin, int64_t end) {
     float eps[kBlock];
     for (int64_t b = begin; b < end; ++b) {
       normal_block(key, offset, static_cast<uint64_t>(b) * kBlockGroups, eps);
