@@ -468,24 +468,29 @@ def _gpt_config(d: int, layers: int, l: int):
     return GPTConfig(vocab_size=96, block_size=l, n_layer=layers, n_head=4, d_model=d)
 
 
+def _optimizer_step(optimizer: torch.optim.Optimizer, loss_of: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """One optimisation step of the loss ``loss_of()``."""
+    def step() -> Tensor:
+        loss = loss_of()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+    return step
+
+
+def _cpu_rand(*shape: int) -> Tensor:
+    return torch.rand(*shape, generator=_generator(torch.device("cpu")))
+
+
 def _gpt_train_inputs(device: torch.device, b: int, l: int, d: int, layers: int) -> tuple:
     """One AdamW step of each GPT on the same batch of ``b`` sequences of ``l`` tokens."""
     from .models import GPT
 
-    steps = []
-    for model in _twin_models(device, lambda backend: GPT(_gpt_config(d, layers, l), backend=backend)):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        idx = torch.randint(0, 96, (b, l + 1), generator=_generator(torch.device("cpu"))).to(device)
-
-        def step(model=model, optimizer=optimizer, idx=idx) -> Tensor:
-            _, loss = model(idx[:, :-1], idx[:, 1:])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            return loss.detach()
-
-        steps.append(step)
-    return tuple(steps)
+    idx = torch.randint(0, 96, (b, l + 1), generator=_generator(torch.device("cpu"))).to(device)
+    return tuple(_optimizer_step(torch.optim.AdamW(model.parameters(), lr=1e-4),
+                                 lambda model=model: model(idx[:, :-1], idx[:, 1:])[1])
+                 for model in _twin_models(device, lambda backend: GPT(_gpt_config(d, layers, l), backend=backend)))
 
 
 def _gpt_generate_inputs(device: torch.device, b: int, prompt: int, new: int, d: int, layers: int) -> tuple:
@@ -501,35 +506,18 @@ def _image_train_inputs(device: torch.device, kind: str, b: int) -> tuple:
     """One optimisation step of the demo's VAE (8x8 digits) or GAN (16x16, both players)."""
     from .models import GAN, VAE, GANConfig, VAEConfig
 
-    steps = []
     if kind == "vae":
-        for model in _twin_models(device, lambda backend: VAE(VAEConfig(), backend=backend)):
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-            x = torch.rand(b, 1, 8, 8, generator=_generator(torch.device("cpu"))).to(device)
+        x = _cpu_rand(b, 1, 8, 8).to(device)
+        return tuple(_optimizer_step(torch.optim.Adam(model.parameters(), lr=1e-4), lambda model=model: model(x))
+                     for model in _twin_models(device, lambda backend: VAE(VAEConfig(), backend=backend)))
+    real = _cpu_rand(b, 1, 16, 16).to(device) * 2 - 1
 
-            def step(model=model, optimizer=optimizer, x=x) -> Tensor:
-                loss = model(x)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                return loss.detach()
+    def gan_loss(model) -> Tensor:
+        fake = model(model.noise(real.shape[0]))
+        return model.discriminator_loss(real, fake) + model.generator_loss(fake)
 
-            steps.append(step)
-        return tuple(steps)
-    for model in _twin_models(device, lambda backend: GAN(GANConfig(), backend=backend)):
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        real = torch.rand(b, 1, 16, 16, generator=_generator(torch.device("cpu"))).to(device) * 2 - 1
-
-        def step(model=model, optimizer=optimizer, real=real) -> Tensor:
-            fake = model(model.noise(real.shape[0]))
-            loss = model.discriminator_loss(real, fake) + model.generator_loss(fake)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            return loss.detach()
-
-        steps.append(step)
-    return tuple(steps)
+    return tuple(_optimizer_step(torch.optim.Adam(model.parameters(), lr=1e-4), lambda model=model: gan_loss(model))
+                 for model in _twin_models(device, lambda backend: GAN(GANConfig(), backend=backend)))
 
 
 def _diffusion_sample_inputs(device: torch.device, n: int, steps: int, channels: int = 64, latent: bool = False) -> tuple:
