@@ -104,3 +104,4 @@ def test_calls_that_need_the_dispatcher_go_through_the_op(monkeypatch):
         fake = mode.from_tensor(x)
         assert _through_dispatcher(monkeypatch, lambda: genkernels.add_positional_encoding(fake))
     assert _through_dispatcher(monkeypatch, lambda: torch.func.vmap(genkernels.add_positional_encoding)(x[:, None]))
+    assert _through_dispatcher(monkeypatch, lambda: torch.jit.trace(genkernels.add_positional_encoding, (x,)))

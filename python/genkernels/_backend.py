@@ -99,7 +99,8 @@ class CustomOp:
     takes. A call runs the implementation itself when no graph is being traced, no dispatch or
     function mode, functorch transform or profiler is active, every tensor is a plain CPU or CUDA
     tensor, and no gradient is needed; any other call goes through the registered op, so
-    autograd, ``torch.compile``, fake tensors and ``TorchDispatchMode`` see ``torch.ops.genkernels``.
+    autograd, ``torch.compile``, ``torch.jit.trace``, fake tensors and ``TorchDispatchMode`` see
+    ``torch.ops.genkernels``.
     """
 
     def __init__(self, op: Any, impl: Callable[..., Any]) -> None:
@@ -132,6 +133,7 @@ def _dispatch_free(args: Iterable[Any]) -> bool:
         or torch._C._is_torch_function_mode_enabled()
         or torch.autograd.profiler._is_profiler_enabled
         or torch._C._functorch.peek_interpreter_stack() is not None
+        or torch._C._get_tracing_state() is not None  # torch.jit.trace records only dispatched ops
     ):
         return False
     grad = torch.is_grad_enabled()
