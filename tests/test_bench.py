@@ -50,7 +50,7 @@ def test_quick_run_prints_tables_and_writes_json(tmp_path, capsys):
     assert "per-call overhead" in out
     for case in bench.CASES:
         rows = [line for line in out.splitlines() if line.split()[:1] == [case.name]]
-        assert len(rows) == 2  # main table and overhead table
+        assert len(rows) == 2 + (case.common is not None)  # main, overhead (and share) tables
     assert ">= 8x, >= 50% BW" in out
 
     data = json.loads(path.read_text())
@@ -67,7 +67,8 @@ def test_quick_run_prints_tables_and_writes_json(tmp_path, capsys):
             assert 0 < c[impl]["min_ms"] <= c[impl]["median_ms"]
             assert c[impl]["repeats"] == 1 and c[impl]["number"] >= 1
         assert c["compiled"] is None and c["speedup_compiled"] is None
-        assert c["bytes"] > 0 and c["gbps"] > 0 and c["bandwidth_fraction"] > 0 and c["speedup_eager"] > 0
+        assert c["speedup_eager"] > 0
+        assert (c["bytes"] > 0 and c["gbps"] > 0 and c["bandwidth_fraction"] > 0) or c["common"]["min_ms"] > 0
         assert c["target_met"] is None  # targets are for the full sizes
         assert set(c["overhead_us"]) == {"genkernels", "eager"}
 
@@ -108,7 +109,7 @@ def test_cases_are_well_formed():
         for scale in ("full", "quick", "tiny"):
             size = case.size(scale)
             case.shape.format(**size)
-            assert case.bytes_moved(**size) > 0
+            assert case.bytes_moved(**size) > 0 or case.common is not None  # loops: no byte count
 
 
 @pytest.mark.parametrize("case", bench.CASES, ids=lambda c: c.name)

@@ -440,9 +440,10 @@ CASES: list[Case] = [
         genkernels=_ddim_loop("genkernels"),
         reference=_ddim_loop("diffusers"),
         common=lambda denoiser, x, steps: [denoiser(x) for _ in range(steps)],
-        bytes_moved=lambda b, c, hw, steps: 0,
+        bytes_moved=lambda b, c, hw, steps: 0,  # a loop's time includes its denoiser's: no bandwidth
         full=dict(b=4, c=4, hw=64, steps=50),
         quick=dict(b=1, c=4, hw=8, steps=5),
+        tiny=dict(b=1, c=1, hw=4, steps=1),
         compile=False,
     ),
     _attention_case("attention", False, dict(b=4, h=12, l=1024, s=1024, e=64), dict(b=1, h=2, l=128, s=128, e=64), Target(speedup=1.0)),
