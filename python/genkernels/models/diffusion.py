@@ -13,7 +13,7 @@ with our fused `q_sample`; sampling runs our DDPM, DDIM or DPM-Solver++(2M) sche
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
