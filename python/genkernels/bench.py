@@ -223,13 +223,10 @@ def _step(library: str, kind: str, m: Tensor, x: Tensor, prev_x0: Optional[Tenso
     if scheduler is None:
         return None
     if prev_x0 is not None:
-        i, before, _ = _neighbours(kind)
         scheduler.model_outputs = [None, prev_x0]
         scheduler.lower_order_nums = 1
         if library == "diffusers":
-            scheduler._step_index = i
-        else:
-            scheduler._output_timesteps = [None, before]
+            scheduler._step_index = _neighbours(kind)[0]
     return scheduler.step(m, _STEP_T, x).prev_sample
 
 

@@ -434,7 +434,7 @@ CoeffsOf = Callable[[NoiseSchedule, Tensor, "_StepInputs"], Tensor]
 class _Plan:
     """A reverse step with its options checked: ``build(schedule, t, t_prev[, s1])`` makes the
     coefficient rows of steps t -> t_prev (second order from an x0 predicted at s1), ``key`` names
-    the options (schedulers keep one table of rows per key)."""
+    the options the rows depend on (schedulers keep one table of rows per key)."""
 
     key: tuple
     build: Callable[..., Tensor]
@@ -561,7 +561,7 @@ def _ddpm_plan(fn: str, prediction_type: str, variance_type: str, clip_sample: b
     variance_type = _checks.choice(fn, "variance_type", variance_type, VARIANCE_TYPES)
     limits = _limits(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)
     return _Plan(
-        key=("ddpm", prediction_type, variance_type, limits),
+        key=("ddpm", prediction_type, variance_type, limits[0]),
         build=lambda schedule, t, t_prev: _ddpm_coeffs(schedule, t, t_prev, prediction_type, variance_type, limits[0]),
         limits=limits, draw_noise=True, variance_type=variance_type,
     )
@@ -635,7 +635,7 @@ def _ddim_plan(fn: str, eta: float, prediction_type: str, clip_sample: bool, cli
     limits = _limits(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)
     options = (eta, prediction_type, limits[0], bool(use_clipped_model_output), bool(set_alpha_to_one))
     return _Plan(
-        key=("ddim", *options, limits),
+        key=("ddim", *options),
         build=lambda schedule, t, t_prev: _ddim_coeffs(schedule, t, t_prev, *options),
         limits=limits, draw_noise=eta > 0,
     )
@@ -739,7 +739,7 @@ def _dpm_plan(fn: str, algorithm_type: str, solver_type: str, prediction_type: s
     limits = _limits(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)
     options = (algorithm_type, solver_type, prediction_type, final_sigmas_type, euler_at_final, limits[0])
     return _Plan(
-        key=("dpm", *options, limits),
+        key=("dpm", *options),
         build=lambda schedule, t, t_prev, s1=None: _dpm_coeffs(schedule, t, t_prev, s1, *options),
         limits=limits, draw_noise=algorithm_type == "sde-dpmsolver++",
     )

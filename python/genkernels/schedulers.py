@@ -154,6 +154,10 @@ class _Scheduler:
         t = torch.as_tensor(timestep, device=self._prev_of.device)
         return self._prev_of[t + 1]
 
+    def timestep_before(self, timestep: Timesteps) -> Tensor:
+        """The timestep the chain visits before ``timestep`` (itself at the chain's start), as a tensor."""
+        return self._before_of[torch.as_tensor(timestep, device=self._before_of.device)]
+
     def _coefficients(self, plan: _Plan, second_order: bool = False) -> CoeffsOf:
         """A step's per-sample coefficient rows, looked up in a table of every training timestep t
         stepping to ``previous_timestep(t)`` (second order: from the x0 predicted at the chain's
@@ -166,7 +170,7 @@ class _Scheduler:
             if table is None:
                 every = torch.arange(len(schedule), device=schedule.device)
                 prev = self.previous_timestep(every).to(schedule.device)
-                before = (self._before_of.to(schedule.device),) if second_order else ()
+                before = (self.timestep_before(every).to(schedule.device),) if second_order else ()
                 table = self._tables[key] = plan.build(schedule, every, prev, *before)
             return table[t]
         return coeffs_of
@@ -403,7 +407,6 @@ class DPMSolverMultistepScheduler(_Scheduler):
     def _reset(self) -> None:
         order = self.config.solver_order
         self.model_outputs: list[Optional[Tensor]] = [None] * order  # the latest x0 predictions, newest last
-        self._output_timesteps: list[Optional[Timesteps]] = [None] * order  # where they were predicted
         self.lower_order_nums = 0
         self._steps_done = 0
         self._first_timestep: Optional[Timesteps] = None
@@ -494,7 +497,7 @@ class DPMSolverMultistepScheduler(_Scheduler):
             raise ValueError(f"{type(self).__name__}.step(): call set_timesteps before step")
         c, fn = self.config, "DPMSolverMultistepScheduler.step"
         t = self._timestep(timestep, sample)
-        prev_x0, _ = self.history()
+        prev_x0 = self.previous_x0()
         plan = _dpm_plan(fn, c.algorithm_type, c.solver_type, c.prediction_type, c.final_sigmas_type, self.euler_at_final,
                          c.clip_sample, c.clip_sample_range, c.thresholding, c.dynamic_thresholding_ratio,
                          c.sample_max_value)
@@ -511,17 +514,16 @@ class DPMSolverMultistepScheduler(_Scheduler):
         c = self.config
         return bool(c.euler_at_final or (c.lower_order_final and len(self.timesteps) < 15))
 
-    def history(self) -> tuple[Optional[Tensor], Optional[Timesteps]]:
-        """The previous step's x0 prediction and its timestep when the next step is second order,
-        else ``(None, None)``."""
+    def previous_x0(self) -> Optional[Tensor]:
+        """The previous step's x0 prediction when the next step is second order, else None; it was
+        made at ``timestep_before(t)`` of the next step's t."""
         if self.config.solver_order == 2 and self.lower_order_nums >= 1:
-            return self.model_outputs[-1], self._output_timesteps[-1]
-        return None, None
+            return self.model_outputs[-1]
+        return None
 
     def record(self, x0: Tensor, t: Timesteps) -> None:
         """Keeps a step's x0 prediction ``x0`` made at ``t`` for the next step (``step`` calls it)."""
         self.model_outputs = self.model_outputs[1:] + [x0]
-        self._output_timesteps = self._output_timesteps[1:] + [t]
         self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
         if self._steps_done == 0:
             self._first_timestep = t

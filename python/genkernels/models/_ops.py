@@ -144,7 +144,8 @@ class Ops:
             prev, _ = reference.ddpm_step(model_output, t, t_prev, sample, abar, noise, prediction_type=config.prediction_type,
                                           variance_type=scheduler.variance_type, clip=clip)
         elif isinstance(scheduler, DPMSolverMultistepScheduler):
-            prev_x0, prev_x0_t = scheduler.history()
+            prev_x0 = scheduler.previous_x0()
+            prev_x0_t = None if prev_x0 is None else scheduler.timestep_before(t).to(sample.device)
             prev, x0 = reference.dpm_solver_step(model_output, t, t_prev, sample, abar, prev_x0=prev_x0, prev_x0_t=prev_x0_t,
                                                  algorithm_type=config.algorithm_type, solver_type=config.solver_type,
                                                  prediction_type=config.prediction_type, final_sigmas_type=config.final_sigmas_type,
