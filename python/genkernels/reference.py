@@ -4,7 +4,7 @@ baseline of the benchmarks. Written for clarity, in the formulas' own terms."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -76,15 +76,23 @@ def philox4x32_10(counter: Tensor, key: tuple[int, int]) -> Tensor:
     return torch.stack([c0, c1, c2, c3], dim=-1)
 
 
-def normal(n: int, seed: int, offset: int, dtype: torch.dtype = torch.float64) -> Tensor:
+def philox_words(groups: int, key: Union[int, Tensor], offset: Union[int, Tensor]) -> Tensor:
+    """The words (groups, 4) of counters (0 .. groups - 1, offset) of the Philox stream under
+    ``key``: element e of a kernel's stream takes word e % 4 of counter e // 4. ``key`` and
+    ``offset`` are 64-bit ints or int64 scalar tensors; tensors stay on their device, so that no
+    value leaves a traced graph."""
+    device = next((x.device for x in (key, offset) if isinstance(x, Tensor)), None)
+    g = torch.arange(groups, dtype=torch.int64, device=device)
+    halves = [torch.as_tensor(x & _MASK32, device=device).expand_as(g) for x in (offset, offset >> 32)]
+    counter = torch.stack([g & _MASK32, g >> 32, *halves], dim=-1)
+    return philox4x32_10(counter, (key & _MASK32, (key >> 32) & _MASK32))
+
+
+def normal(n: int, seed: Union[int, Tensor], offset: Union[int, Tensor], dtype: torch.dtype = torch.float64) -> Tensor:
     """The first n normals of the stream (seed, offset), by Box-Muller in float64: element i is
-    normal i % 4 of counter (i // 4, offset) under key seed."""
-    groups = torch.arange((n + 3) // 4, dtype=torch.int64)
-    counter = torch.stack(
-        [groups & _MASK32, groups >> 32, torch.full_like(groups, offset & _MASK32), torch.full_like(groups, (offset >> 32) & _MASK32)],
-        dim=-1,
-    )
-    words = philox4x32_10(counter, (seed & _MASK32, (seed >> 32) & _MASK32))
+    normal i % 4 of counter (i // 4, offset) under key seed (ints, or int64 scalar tensors as in
+    `philox_words`)."""
+    words = philox_words((n + 3) // 4, seed, offset)
     u1 = ((words[:, 0::2] >> 8) + 1).double() * 2.0**-24
     u2 = (words[:, 1::2] >> 8).double() * 2.0**-24
     radius = torch.sqrt(-2.0 * torch.log(u1))
@@ -171,14 +179,8 @@ def attention_dropout_mask(seed: Tensor, shape: tuple[int, int, int, int], dropo
     """The keep-mask (bool, ``shape`` = (B, Hq, L, S)) of attention dropout with probability
     ``dropout_p`` under the seed tensor ``[key, offset]``: weight e (row-major index) is kept
     when word e % 4 of Philox4x32-10(counter (e // 4, offset), key) is >= round(p * 2^32)."""
-    key, offset = (int(x) & 0xFFFFFFFFFFFFFFFF for x in seed.cpu().tolist())
     n = math.prod(shape)
-    groups = torch.arange((n + 3) // 4, dtype=torch.int64)
-    counter = torch.stack(
-        [groups & _MASK32, groups >> 32, torch.full_like(groups, offset & _MASK32), torch.full_like(groups, offset >> 32)],
-        dim=-1,
-    )
-    words = philox4x32_10(counter, (key & _MASK32, key >> 32)).reshape(-1)[:n]
+    words = philox_words((n + 3) // 4, *seed.cpu().unbind()).reshape(-1)[:n]
     threshold = int(dropout_p * 4294967296.0 + 0.5)
     return (words >= threshold).reshape(shape)
 

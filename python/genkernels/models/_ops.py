@@ -23,7 +23,6 @@ from ..schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepSchedul
 Scheduler = Union[DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler]
 
 BACKENDS = ("genkernels", "torch")
-_MASK32 = 0xFFFFFFFF
 
 
 def check_backend(backend: str) -> str:
@@ -34,22 +33,9 @@ def check_backend(backend: str) -> str:
 
 
 def _philox_normal(shape: Sequence[int], seed: Tensor, dtype: torch.dtype) -> Tensor:
-    """The normals the kernels draw for ``seed`` = [key, offset] (int64 tensor), in pure PyTorch:
-    `reference.normal` with the key and offset kept as tensors, so no value leaves the graph."""
-    n = math.prod(shape)
-    groups = torch.arange((n + 3) // 4, dtype=torch.int64, device=seed.device)
-    key, offset = seed[0], seed[1]
-    counter = torch.stack(
-        [groups & _MASK32, groups >> 32, (offset & _MASK32).expand_as(groups), ((offset >> 32) & _MASK32).expand_as(groups)],
-        dim=-1,
-    )
-    words = reference.philox4x32_10(counter, (key & _MASK32, (key >> 32) & _MASK32))
-    u1 = ((words[:, 0::2] >> 8) + 1).double() * 2.0**-24
-    u2 = (words[:, 1::2] >> 8).double() * 2.0**-24
-    radius = torch.sqrt(-2.0 * torch.log(u1))
-    angle = 2.0 * math.pi * u2
-    z = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=-1)
-    return z.reshape(-1)[:n].reshape(shape).to(dtype)
+    """The normals the kernels draw for ``seed`` = [key, offset] (int64 tensor), in pure PyTorch,
+    with the key and offset kept as tensors so that no value leaves the graph."""
+    return reference.normal(math.prod(shape), seed[0], seed[1], dtype).reshape(shape)
 
 
 class Ops:
