@@ -78,16 +78,19 @@ class DiffusionDemo(Demo):
         classifier = DigitClassifier()
         labels = torch.arange(10, device=self.device).repeat_interleave(20)
         generator = torch.Generator(device=self.device).manual_seed(0)
-        samples = self.from_model(self.model.sample(len(labels), labels, GUIDANCE_SCALE, "ddim", SAMPLE_STEPS, generator))
-        accuracy = (classifier.predict(samples) == labels.cpu()).float().mean().item()
+
+        def sample(labels: torch.Tensor, sampler: str, steps: int) -> tuple[torch.Tensor, float]:
+            """Samples of the labelled digits, and the share the classifier labels as requested."""
+            images = self.from_model(self.model.sample(len(labels), labels, GUIDANCE_SCALE, sampler, steps, generator))
+            return images, (classifier.predict(images) == labels.cpu()).float().mean().item()
+
+        samples, accuracy = sample(labels, "ddim", SAMPLE_STEPS)
         rows = labels.view(10, 20)[:, :10].flatten()  # 10 samples of each digit, one row per digit
         paths = [os.path.join(out, f"{self.name}-samples-ddim.png"), os.path.join(out, f"{self.name}-samples-ddpm.png")]
         write_png(paths[0], image_grid(samples.view(10, 20, *samples.shape[1:])[:, :10].flatten(0, 1), 10))
-        ddpm = self.from_model(self.model.sample(len(rows), rows, GUIDANCE_SCALE, "ddpm", SAMPLE_STEPS * 2, generator))
-        ddpm_accuracy = (classifier.predict(ddpm) == rows.cpu()).float().mean().item()
+        ddpm, ddpm_accuracy = sample(rows, "ddpm", SAMPLE_STEPS * 2)
         write_png(paths[1], image_grid(ddpm, 10))
-        dpm = self.from_model(self.model.sample(len(labels), labels, GUIDANCE_SCALE, "dpm", DPM_STEPS, generator))
-        dpm_accuracy = (classifier.predict(dpm) == labels.cpu()).float().mean().item()
+        _, dpm_accuracy = sample(labels, "dpm", DPM_STEPS)
         unconditional = self.from_model(self.model.sample(200, None, 1.0, "ddim", SAMPLE_STEPS, generator))
         counts = torch.bincount(classifier.predict(unconditional), minlength=10).tolist()
         print(f"held-out diffusion loss {figures['held-out loss']:.4f}; class-conditional samples labelled as the "
