@@ -68,14 +68,19 @@ GK_HD void sincos(double x, double* s, double* c) {
   *c = cos(x);
 }
 
-// sin(2 pi t) and cos(2 pi t) for t in [0, 1), reduced exactly in turns.
+// sin(2 pi t) and cos(2 pi t) for t in [0, 1), reduced exactly in turns. The quarter turns q in
+// {0, ..., 4} rotate (sin r, cos r) by bit operations: an odd q swaps the pair, and the sign bits
+// of sin and cos flip where q & 2 and (q + 1) & 2 are set.
 GK_HD void sincos_turns(float t, float* s, float* c) {
   using namespace detail;
   const float q = rintf(4.0f * t);
   const float r = (t - 0.25f * q) * kTwoPi;  // |r| <= pi/4; t - q/4 is exact
   float sr, cr;
   sincos_reduced(r, &sr, &cr);
-  rotate_quadrant(quadrant_of(q), sr, cr, s, c);
+  const uint32_t quarter = static_cast<uint32_t>(static_cast<int32_t>(q));
+  const bool swap = (quarter & 1u) != 0;
+  *s = bits_float(float_bits(swap ? cr : sr) ^ ((quarter & 2u) << 30));
+  *c = bits_float(float_bits(swap ? sr : cr) ^ (((quarter + 1u) & 2u) << 30));
 }
 
 // Natural logarithm of a positive normal float: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
