@@ -14,9 +14,10 @@ namespace GK_ISA {
 namespace {
 
 // Calls piece(sample, begin, end, z) over the pieces of [0, batch * row) in parallel, with z
-// the normals of elements [begin, end) when `seed` is given (else null).
+// the normals of elements [begin, end) when `seed` is given (else null). `ahead` names the
+// inputs that piece reads.
 template <class Piece>
-void for_each_piece(int64_t batch, int64_t row, const int64_t* seed, int threads, Piece&& piece) {
+void for_each_piece(int64_t batch, int64_t row, const int64_t* seed, int threads, const Lookahead& ahead, Piece&& piece) {
   const int64_t n = batch * row;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   parallel_for(blocks, kMinTaskElements / kBlock, threads, [&](int64_t begin, int64_t end) {
@@ -24,7 +25,7 @@ void for_each_piece(int64_t batch, int64_t row, const int64_t* seed, int threads
     for (int64_t b = begin; b < end; ++b) {
       const int64_t first = b * kBlock;
       const int64_t last = n - first < kBlock ? n : first + kBlock;
-      if (seed) normal_block(static_cast<uint64_t>(seed[0]), static_cast<uint64_t>(seed[1]), static_cast<uint64_t>(b) * kBlockGroups, z);
+      if (seed) normal_block(static_cast<uint64_t>(seed[0]), static_cast<uint64_t>(seed[1]), static_cast<uint64_t>(b) * kBlockGroups, z, ahead);
       for (int64_t i = first; i < last;) {
         const int64_t sample = i / row;
         const int64_t stop = (sample + 1) * row < last ? (sample + 1) * row : last;
@@ -46,7 +47,7 @@ void q_sample_kernel(const QSampleParams& p, int threads) {
   T* x_t = static_cast<T*>(p.x_t);
   T* noise = static_cast<T*>(p.noise);
   T* v = static_cast<T*>(p.velocity);
-  for_each_piece(p.batch, p.row, p.noise_given ? nullptr : p.seed, threads,
+  for_each_piece(p.batch, p.row, p.noise_given ? nullptr : p.seed, threads, Lookahead(p.batch * p.row, sizeof(T)).read(x0),
                  [&](int64_t sample, int64_t begin, int64_t end, const float* z) {
                    T k[kQCoeffs];
                    load_coeffs(p.coeffs, sample, k);
@@ -70,7 +71,8 @@ void diffusion_step_kernel(const DiffusionStepParams& p, int threads) {
   T* prev = static_cast<T*>(p.prev);
   T* x0_out = static_cast<T*>(p.x0);
   static const T zeros[kBlock] = {};
-  for_each_piece(p.batch, p.row, p.seed, threads, [&](int64_t sample, int64_t begin, int64_t end, const float* drawn) {
+  const Lookahead inputs = Lookahead(p.batch * p.row, sizeof(T)).read(x).read(m).read(p.model_cond).read(var).read(x0_prev);
+  for_each_piece(p.batch, p.row, p.seed, threads, inputs, [&](int64_t sample, int64_t begin, int64_t end, const float* drawn) {
     T k[kStepCoeffs];
     load_coeffs(p.coeffs, sample, k);
     const int64_t count = end - begin;

@@ -63,8 +63,41 @@ constexpr int64_t kBlockGroups = 256;
 constexpr int64_t kBlock = 4 * kBlockGroups;
 static_assert(kBlockGroups % kLanes == 0, "whole vectors per block");
 
-// eps[0, kBlock) = the normals of groups [first, first + kBlockGroups) of stream (key, offset).
-void normal_block(uint64_t key, uint64_t offset, uint64_t first, float* eps) {
+// The inputs a kernel reads beside the noise, element for element. normal_block requests the
+// lines of the next block of each while it computes: otherwise a block's arithmetic leaves the
+// memory idle and its loads then leave the core idle (reparameterize of 16M float32 elements,
+// 2 threads, output in cache: 16.5 -> 15.1 ms).
+class Lookahead {
+ public:
+  Lookahead(int64_t n, int64_t element_bytes) : n_(n), element_bytes_(element_bytes) {}
+
+  // Adds an input; a null pointer (an absent input) is ignored.
+  Lookahead& read(const void* data) {
+    if (data && count_ < kMaxStreams) streams_[count_++] = static_cast<const char*>(data);
+    return *this;
+  }
+
+  // Requests part `part` of `parts` of the lines of elements [first, first + kBlock). Always
+  // inlined: GCC deems a function that only prefetches free of effects and drops its calls.
+  __attribute__((always_inline)) void fetch(int64_t first, int64_t part, int64_t parts) const {
+    if (first >= n_) return;
+    const int64_t lines = ((n_ - first < kBlock ? n_ - first : kBlock) * element_bytes_ + 63) / 64;
+    const int64_t lo = lines * part / parts, hi = lines * (part + 1) / parts;
+    for (int s = 0; s < count_; ++s)
+      for (int64_t l = lo; l < hi; ++l) __builtin_prefetch(streams_[s] + first * element_bytes_ + 64 * l, 0, 3);
+  }
+
+ private:
+  static constexpr int kMaxStreams = 6;
+  const char* streams_[kMaxStreams] = {};
+  int count_ = 0;
+  int64_t n_, element_bytes_;
+};
+
+// eps[0, kBlock) = the normals of groups [first, first + kBlockGroups) of stream (key, offset);
+// meanwhile `ahead`'s lines of the following block are requested.
+void normal_block(uint64_t key, uint64_t offset, uint64_t first, float* eps, const Lookahead& ahead) {
+  const int64_t next_block = 4 * static_cast<int64_t>(first) + kBlock;
   uint32_t words[4][kBlockGroups];
   const Philox4 ctr = philox_counter(first, offset);
   const Words lanes = lane_index();
@@ -74,6 +107,7 @@ void normal_block(uint64_t key, uint64_t offset, uint64_t first, float* eps) {
     philox_rounds(c[0], c[1], c[2], c[3], broadcast(static_cast<uint32_t>(key)), broadcast(static_cast<uint32_t>(key >> 32)),
                   WordsMulHiLo());
     for (int k = 0; k < 4; ++k) std::memcpy(&words[k][g], &c[k], sizeof(Words));
+    ahead.fetch(next_block, g / kLanes, kBlockGroups / kLanes);
   }
   float z[4][kBlockGroups];
   for (int64_t g = 0; g < kBlockGroups; ++g) {
@@ -85,15 +119,16 @@ void normal_block(uint64_t key, uint64_t offset, uint64_t first, float* eps) {
 }
 
 // Calls consume(first, count, eps) over consecutive blocks of the stream's normals covering
-// elements [0, n), in parallel; eps[j] is the normal of element first + j.
+// elements [0, n), in parallel; eps[j] is the normal of element first + j. `ahead` names the
+// inputs that consume reads.
 template <class Consume>
-void for_each_normal_block(int64_t n, const int64_t* seed, int threads, Consume&& consume) {
+void for_each_normal_block(int64_t n, const int64_t* seed, int threads, const Lookahead& ahead, Consume&& consume) {
   const uint64_t key = static_cast<uint64_t>(seed[0]), offset = static_cast<uint64_t>(seed[1]);
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   parallel_for(blocks, kMinTaskElements / kBlock, threads, [&](int64_t begin, int64_t end) {
     float eps[kBlock];
     for (int64_t b = begin; b < end; ++b) {
-      normal_block(key, offset, static_cast<uint64_t>(b) * kBlockGroups, eps);
+      normal_block(key, offset, static_cast<uint64_t>(b) * kBlockGroups, eps, ahead);
       const int64_t first = b * kBlock;
       consume(first, n - first < kBlock ? n - first : kBlock, static_cast<const float*>(eps));
     }

@@ -12,7 +12,7 @@ namespace {
 template <class T>
 void normal_kernel(const NormalParams& p, int threads) {
   T* out = static_cast<T*>(p.out);
-  for_each_normal_block(p.n, p.seed, threads, [&](int64_t first, int64_t count, const float* eps) {
+  for_each_normal_block(p.n, p.seed, threads, Lookahead(p.n, sizeof(T)), [&](int64_t first, int64_t count, const float* eps) {
     for (int64_t j = 0; j < count; ++j) out[first + j] = static_cast<T>(eps[j]);
   });
 }
@@ -22,7 +22,8 @@ void reparameterize_kernel(const ReparameterizeParams& p, int threads) {
   const T* mu = static_cast<const T*>(p.mu);
   const T* logvar = static_cast<const T*>(p.logvar);
   T* z = static_cast<T*>(p.z);
-  for_each_normal_block(p.n, p.seed, threads, [&](int64_t first, int64_t count, const float* eps) {
+  const Lookahead inputs = Lookahead(p.n, sizeof(T)).read(mu).read(logvar);
+  for_each_normal_block(p.n, p.seed, threads, inputs, [&](int64_t first, int64_t count, const float* eps) {
     for (int64_t j = 0; j < count; ++j)
       z[first + j] = reparameterized<T>(mu[first + j], logvar[first + j], static_cast<T>(eps[j]));
   });
