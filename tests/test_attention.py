@@ -230,6 +230,46 @@ def test_kvcache_prefill_chunk_is_causal_bottom_right(backend):
         torch.testing.assert_close(out[b:b + 1], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_kvcache_takes_int64_lengths_strided_and_other_dtype_keys(backend):
+    """int64 lengths, key/value that are non-contiguous views or float64 give the same step."""
+    batch, heads, capacity, dim = 2, 3, 10, 8
+    k_cache, v_cache = (torch.randn(batch, heads, capacity, dim, device=backend.device) for _ in range(2))
+    q = torch.randn(batch, heads, 2, dim, device=backend.device)
+    new_kv = torch.randn(batch, 2, heads, 2 * dim, device=backend.device, dtype=torch.float64)
+    key, value = new_kv[..., ::2].transpose(1, 2), new_kv[..., 1::2].transpose(1, 2)  # strided, float64
+    lengths = torch.tensor([4, 7], device=backend.device)  # int64
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    for b, n in enumerate((4, 7)):
+        expected_k[b, :, n : n + 2], expected_v[b, :, n : n + 2] = key[b].float(), value[b].float()
+    out = genkernels.attention_with_kvcache(q, k_cache, v_cache, lengths, key=key, value=value)
+    torch.testing.assert_close(k_cache, expected_k)
+    torch.testing.assert_close(v_cache, expected_v)
+    for b, n in enumerate((6, 9)):
+        expected, _ = reference.scaled_dot_product_attention(
+            q[b : b + 1], expected_k[b : b + 1, :, :n], expected_v[b : b + 1, :, :n], is_causal=True, causal_alignment="bottom_right"
+        )
+        torch.testing.assert_close(out[b : b + 1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kvcache_writes_nothing_when_a_length_does_not_fit(backend):
+    """The second sequence overflows: the error comes before the first one's keys are written."""
+    k_cache, v_cache = (torch.randn(2, 2, 6, 8, device=backend.device) for _ in range(2))
+    before = k_cache.clone(), v_cache.clone()
+    new = torch.randn(2, 2, 1, 8, device=backend.device)
+    with pytest.raises(ValueError, match=r"cache_seqlens.*\[0, 6\]"):
+        genkernels.attention_with_kvcache(new, k_cache, v_cache, torch.tensor([2, 6], device=backend.device), key=new, value=new)
+    torch.testing.assert_close((k_cache, v_cache), before, rtol=0, atol=0)
+
+
+def test_kvcache_step_bumps_the_caches_versions():
+    """Autograd sees the in-place write, as with any mutating op."""
+    k_cache, v_cache = torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8)
+    versions = k_cache._version, v_cache._version
+    new = torch.randn(1, 1, 1, 8)
+    genkernels.attention_with_kvcache(new, k_cache, v_cache, torch.tensor([0]), key=new, value=new)
+    assert k_cache._version > versions[0] and v_cache._version > versions[1]
+
+
 @pytest.mark.parametrize(
     "call, error, words",
     [
@@ -267,6 +307,11 @@ def test_opcheck():
     torch.library.opcheck(op, (q, k, v, None, None, 0.25, -1, 0, False, 0.0, None))
     torch.library.opcheck(op, (q, k, v, mask, None, 0.25, 3, 2, True, 0.0, None))
     torch.library.opcheck(op, (q, k, v, None, torch.tensor([5, 11], dtype=torch.int32), 0.25, -1, 0, True, 0.0, None))
+    step = torch.ops.genkernels.attention_kvcache.default
+    caches = torch.randn(2, 2, 12, 16), torch.randn(2, 2, 12, 8)
+    new_k, new_v = torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 8)
+    torch.library.opcheck(step, (q[:, :, :3], *caches, torch.tensor([2, 9]), new_k, new_v, 0.25, True))
+    torch.library.opcheck(step, (q, *caches, torch.tensor([3, 0], dtype=torch.int32), None, None, 0.25, False))
 
 
 def test_compile_fullgraph():

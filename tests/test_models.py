@@ -118,7 +118,8 @@ class OpNamespaces(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("kind, expected", [
-    ("gpt", {"genkernels::add_positional_encoding", "genkernels::attention_forward", "genkernels::sinusoidal_encoding"}),
+    ("gpt", {"genkernels::add_positional_encoding", "genkernels::attention_forward", "genkernels::attention_kvcache",
+             "genkernels::sinusoidal_encoding"}),
     ("vae", {"genkernels::reparameterize", "genkernels::gaussian_kl", "genkernels::normal"}),
     ("gan", {"genkernels::normal"}),
     ("diffusion", {"genkernels::sinusoidal_encoding", "genkernels::attention_forward", "genkernels::q_sample",

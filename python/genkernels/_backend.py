@@ -7,6 +7,7 @@ so this module is the only bridge between torch tensors and the kernels.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -103,13 +104,20 @@ class CustomOp:
     ``torch.ops.genkernels``.
     """
 
-    def __init__(self, op: Any, impl: Callable[..., Any]) -> None:
+    def __init__(self, op: Any, impl: Callable[..., Any], mutates_args: tuple[str, ...] = ()) -> None:
         self.op = op  # the torch.library CustomOpDef
         self.impl = impl
+        names = list(inspect.signature(impl).parameters)
+        self._mutated = tuple(names.index(name) for name in mutates_args)  # positions of the mutated arguments
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if _dispatch_free((*args, *kwargs.values())):
+        if not self._mutated and _dispatch_free((*args, *kwargs.values())):
             return self.impl(*args, **kwargs)
+        if self._mutated and not kwargs and _dispatch_free(args):
+            result = self.impl(*args)
+            # What the dispatcher does for a mutating op, so that autograd sees the writes.
+            torch.autograd.graph.increment_version([args[i] for i in self._mutated])
+            return result
         return self.op(*args, **kwargs)
 
     def register_fake(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -122,7 +130,7 @@ class CustomOp:
 def custom_op(name: str, *, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], CustomOp]:
     """``torch.library.custom_op`` returning a `CustomOp`."""
     def wrap(impl: Callable[..., Any]) -> CustomOp:
-        return CustomOp(torch.library.custom_op(name, mutates_args=mutates_args)(impl), impl)
+        return CustomOp(torch.library.custom_op(name, mutates_args=mutates_args)(impl), impl, mutates_args)
     return wrap
 
 

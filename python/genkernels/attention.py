@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from ._backend import DTYPE_CODES, custom_op, launch_for
+from ._backend import _C, DTYPE_CODES, custom_op, launch_for
 from ._rng import draw_seed
 
 ALIGNMENTS = ("top_left", "bottom_right")
@@ -433,22 +433,63 @@ def attention_with_kvcache(
         if key.shape != (batch, heads_kv, key.shape[2], dim) or value.shape[:3] != key.shape[:3] or value.shape[3] != value_cache.shape[3]:
             raise ValueError(f"{fn}(): 'key' and 'value' must be (B, H, L_new, E) matching the caches, got {tuple(key.shape)} and {tuple(value.shape)}")
         appended = key.shape[2]
-    lo = hi = None
+        _checks.same_device(fn, {"query": query, "key": key, "value": value})
+    scale = 1.0 / math.sqrt(dim) if scale is None else _checks.real(fn, "scale", scale)
+    return _attention_kvcache(query, key_cache, value_cache, cache_seqlens, key, value, scale, causal)
+
+
+@custom_op("genkernels::attention_kvcache", mutates_args=("key_cache", "value_cache"))
+def _attention_kvcache(
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    cache_seqlens: Tensor,
+    key: Optional[Tensor],
+    value: Optional[Tensor],
+    scale: float,
+    causal: bool,
+) -> Tensor:
+    """Writes key/value into the caches at each sequence's length, then attends over the caches."""
+    batch, heads_q, len_new, dim = query.shape
+    capacity = key_cache.shape[2]
+    appended = key.shape[2] if key is not None else 0
+    if launch_for(query).module is _C and batch and dim and value_cache.shape[3] and key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1:
+        # The CPU appends and attends in one call: a decoding step is too short for more.
+        q = query if query.stride(-1) == 1 else query.contiguous()
+        new = [_as_rows(t, key_cache.dtype) for t in (key, value)] if key is not None else [None, None]
+        lens = cache_seqlens.contiguous()
+        out = torch.empty((batch, heads_q, len_new, value_cache.shape[3]), dtype=query.dtype)
+        _C.attention_kvcache(
+            torch.get_num_threads(), q.data_ptr(), out.data_ptr(), [batch, heads_q, key_cache.shape[1], len_new, capacity, dim, value_cache.shape[3]],
+            q.stride()[:3], key_cache.data_ptr(), key_cache.stride()[:3], value_cache.data_ptr(), value_cache.stride()[:3],
+            *_address_and_strides(new[0]), *_address_and_strides(new[1]),
+            lens.data_ptr(), DTYPE_CODES[lens.dtype], appended, scale, causal, DTYPE_CODES[query.dtype],
+        )
+        return out
     if cache_seqlens.device.type == "cpu" and batch:
         lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
         if lo < 0 or hi + appended > capacity:
-            raise ValueError(f"{fn}(): cache_seqlens + new tokens must lie in [0, {capacity}], got lengths from {lo} to {hi} with {appended} new")
-    if appended and lo is not None and lo == hi:  # one length for all: a slice copy, a fifth of a scatter's cost
-        key_cache[:, :, lo : lo + appended] = key
-        value_cache[:, :, lo : lo + appended] = value
-    elif appended:
+            raise ValueError(f"attention_with_kvcache(): cache_seqlens + new tokens must lie in [0, {capacity}], got lengths from {lo} to {hi} with {appended} new")
+    if appended:
         positions = cache_seqlens.to(torch.int64)[:, None] + torch.arange(appended, device=cache_seqlens.device)  # (B, L_new)
         rows = torch.arange(batch, device=cache_seqlens.device)[:, None]
         key_cache[rows, :, positions] = key.transpose(1, 2).to(key_cache.dtype)  # (B, L_new, H, E)
         value_cache[rows, :, positions] = value.transpose(1, 2).to(value_cache.dtype)
-    kv_lens = cache_seqlens + appended if appended else cache_seqlens
-    if kv_lens.dtype != torch.int32 or not kv_lens.is_contiguous():
-        kv_lens = kv_lens.to(torch.int32).contiguous()
-    scale = 1.0 / math.sqrt(dim) if scale is None else _checks.real(fn, "scale", scale)
-    out, _ = _attention_forward(query, key_cache, value_cache, None, kv_lens, scale, -1, 0 if causal else -1, True, 0.0, None)
+    kv_lens = (cache_seqlens + appended).to(torch.int32).contiguous()
+    out, _ = _attention_forward.impl(query, key_cache, value_cache, None, kv_lens, scale, -1, 0 if causal else -1, True, 0.0, None)
     return out
+
+
+def _as_rows(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in `dtype` with a contiguous last dimension."""
+    t = t.to(dtype)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _address_and_strides(t: Optional[Tensor]) -> tuple[int, tuple[int, ...]]:
+    return (t.data_ptr(), t.stride()[:3]) if t is not None else (0, (0, 0, 0))
+
+
+@_attention_kvcache.register_fake
+def _(query, key_cache, value_cache, cache_seqlens, key, value, scale, causal):
+    return query.new_empty(query.shape[:3] + (value_cache.shape[3],))
