@@ -24,12 +24,15 @@ def tensor(fn: str, name: str, value: object) -> torch.Tensor:
     return value
 
 
+_EVERYWHERE = (torch.float32, torch.float64)
+
+
 def float_tensor(
     fn: str, name: str, value: object, *, min_dim: int = 0, cpu_extra: tuple[torch.dtype, ...] = ()
 ) -> torch.Tensor:
     t = tensor(fn, name, value)
-    allowed = float_dtypes(t.device, cpu_extra)
-    if t.dtype not in allowed:
+    # float32 and float64 run everywhere, and every device takes an op's CPU extras.
+    if t.dtype not in _EVERYWHERE and t.dtype not in cpu_extra and t.dtype not in (allowed := float_dtypes(t.device, cpu_extra)):
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise _fail(TypeError, fn, name, f"a tensor of dtype {names} on {t.device.type}", t.dtype)
     if t.dim() < min_dim:

@@ -327,10 +327,9 @@ def scaled_dot_product_attention(
             raise ValueError(f"{fn}(): 'attn_mask' of shape {tuple(attn_mask.shape)} does not broadcast to {tuple(full)}") from None
     seed = draw_seed(generator, query.device) if dropout_p > 0 else None
     out, lse = _attention_forward(q, k, v, mask, None, scale, window_left, window_right, alignment == "bottom_right", dropout_p, seed)
-    out = out.reshape(lead + query.shape[len(lead):-1] + (value.shape[-1],))
-    if return_lse:
-        return out, lse.reshape(lead + query.shape[len(lead):-1])
-    return out
+    if query.dim() != 4:  # a 4-d query's result already has its shape
+        out, lse = out.reshape(lead + query.shape[len(lead):-1] + (value.shape[-1],)), lse.reshape(lead + query.shape[len(lead):-1])
+    return (out, lse) if return_lse else out
 
 
 def attention_dropout_mask(
