@@ -19,15 +19,50 @@ namespace {
 GK_INTRINSICS_BEGIN
 constexpr int kLanes = 16;
 typedef uint32_t Words __attribute__((vector_size(64)));
-struct WordsMulHiLo {
-  void operator()(Words a, uint32_t m, Words& hi, Words& lo) const {
-    const __m512i av = reinterpret_cast<__m512i>(a), mv = _mm512_set1_epi32(static_cast<int>(m));
-    const __m512i even = _mm512_mul_epu32(av, mv), odd = _mm512_mul_epu32(_mm512_srli_epi64(av, 32), mv);
-    lo = reinterpret_cast<Words>(_mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32)));
-    hi = reinterpret_cast<Words>(_mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd));
+// Sixteen counter words as two halves of eight, each word in the low half of a 64-bit lane: the
+// even multiply then yields lo and hi in place, with no blends (12 instead of 16 instructions a
+// round). The high halves carry junk that no multiply reads and `words` drops.
+struct Wide {
+  __m512i half[2];
+
+  explicit Wide(Words w) {
+    const __m512i v = reinterpret_cast<__m512i>(w);
+    half[0] = _mm512_cvtepu32_epi64(_mm512_castsi512_si256(v));
+    half[1] = _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(v, 1));
+  }
+  Wide() = default;
+  Wide(__m512i a, __m512i b) : half{a, b} {}
+
+  Words words() const {
+    const __m512i low = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    return reinterpret_cast<Words>(_mm512_permutex2var_epi32(half[0], low, half[1]));
+  }
+  Wide& operator+=(uint32_t x) {
+    for (__m512i& h : half) h = _mm512_add_epi32(h, _mm512_set1_epi32(static_cast<int>(x)));
+    return *this;
+  }
+  friend Wide operator^(const Wide& a, const Wide& b) {
+    return Wide(_mm512_xor_si512(a.half[0], b.half[0]), _mm512_xor_si512(a.half[1], b.half[1]));
+  }
+};
+struct WideMulHiLo {
+  void operator()(const Wide& a, uint32_t m, Wide& hi, Wide& lo) const {
+    const __m512i mv = _mm512_set1_epi64(m);
+    for (int i = 0; i < 2; ++i) {
+      lo.half[i] = _mm512_mul_epu32(a.half[i], mv);
+      hi.half[i] = _mm512_srli_epi64(lo.half[i], 32);
+    }
   }
 };
 GK_INTRINSICS_END
+// The Philox words of 16 counters under a key broadcast in k0, k1.
+void philox_words(Words (&c)[4], Words k0, Words k1) {
+  Wide w[4] = {Wide(c[0]), Wide(c[1]), Wide(c[2]), Wide(c[3])};
+  // Every lane of a broadcast key holds it: both halves are the same vector, added to once.
+  const __m512i key0 = reinterpret_cast<__m512i>(k0), key1 = reinterpret_cast<__m512i>(k1);
+  philox_rounds(w[0], w[1], w[2], w[3], Wide(key0, key0), Wide(key1, key1), WideMulHiLo());
+  for (int k = 0; k < 4; ++k) c[k] = w[k].words();
+}
 #elif defined(__AVX2__)
 constexpr int kLanes = 8;
 typedef uint32_t Words __attribute__((vector_size(32)));
@@ -39,10 +74,11 @@ struct WordsMulHiLo {
     hi = reinterpret_cast<Words>(_mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA));
   }
 };
+void philox_words(Words (&c)[4], Words k0, Words k1) { philox_rounds(c[0], c[1], c[2], c[3], k0, k1, WordsMulHiLo()); }
 #else
 constexpr int kLanes = 1;
 using Words = uint32_t;
-using WordsMulHiLo = MulHiLo32;
+void philox_words(Words (&c)[4], Words k0, Words k1) { philox_rounds(c[0], c[1], c[2], c[3], k0, k1); }
 #endif
 
 Words broadcast(uint32_t x) {
@@ -104,8 +140,7 @@ void normal_block(uint64_t key, uint64_t offset, uint64_t first, float* eps, con
   for (int64_t g = 0; g < kBlockGroups; g += kLanes) {
     Words c[4] = {broadcast(ctr.v[0] + static_cast<uint32_t>(g)) + lanes, broadcast(ctr.v[1]), broadcast(ctr.v[2]),
                   broadcast(ctr.v[3])};
-    philox_rounds(c[0], c[1], c[2], c[3], broadcast(static_cast<uint32_t>(key)), broadcast(static_cast<uint32_t>(key >> 32)),
-                  WordsMulHiLo());
+    philox_words(c, broadcast(static_cast<uint32_t>(key)), broadcast(static_cast<uint32_t>(key >> 32)));
     for (int k = 0; k < 4; ++k) std::memcpy(&words[k][g], &c[k], sizeof(Words));
     ahead.fetch(next_block, g / kLanes, kBlockGroups / kLanes);
   }
