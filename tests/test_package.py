@@ -94,9 +94,18 @@ def test_eager_inference_calls_the_kernel_directly(monkeypatch):
     torch.testing.assert_close(direct, via_op, rtol=0, atol=0)
 
 
+def test_eager_training_calls_the_kernel_under_autograd(monkeypatch):
+    """An input that needs a gradient: the kernel runs directly under an autograd.Function made of
+    the op's registered backward, and the gradients equal those through the op."""
+    x = torch.randn(2, 5, 8)
+    direct_x, op_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    assert not _through_dispatcher(monkeypatch, lambda: (genkernels.add_positional_encoding(direct_x, x_scale=1.5) ** 2).sum().backward())
+    (torch.ops.genkernels.add_positional_encoding(op_x, 0, 10000.0, True, 1.5) ** 2).sum().backward()
+    torch.testing.assert_close(direct_x.grad, op_x.grad, rtol=0, atol=0)
+
+
 def test_calls_that_need_the_dispatcher_go_through_the_op(monkeypatch):
     x = torch.randn(2, 5, 8)
-    assert _through_dispatcher(monkeypatch, lambda: genkernels.add_positional_encoding(x.clone().requires_grad_()))
     assert _through_dispatcher(monkeypatch, lambda: genkernels.add_positional_encoding(torch.nn.Parameter(x)))
     with torch.profiler.profile():
         assert _through_dispatcher(monkeypatch, lambda: genkernels.add_positional_encoding(x))

@@ -98,10 +98,11 @@ class CustomOp:
     Passing through ``torch.ops.genkernels.<name>`` costs tens of microseconds of Python in the
     dispatcher (about 55 us on this project's CPU), more than a decoding step's attention kernel
     takes. A call runs the implementation itself when no graph is being traced, no dispatch or
-    function mode, functorch transform or profiler is active, every tensor is a plain CPU or CUDA
-    tensor, and no gradient is needed; any other call goes through the registered op, so
-    autograd, ``torch.compile``, ``torch.jit.trace``, fake tensors and ``TorchDispatchMode`` see
-    ``torch.ops.genkernels``.
+    function mode, functorch transform or profiler is active and every tensor is a plain CPU or
+    CUDA tensor; when an input needs a gradient it runs under an ``autograd.Function`` made of the
+    op's registered backward, which is what the registered op's autograd does below the
+    dispatcher. Any other call goes through the registered op, so ``torch.compile``,
+    ``torch.jit.trace``, fake tensors and ``TorchDispatchMode`` see ``torch.ops.genkernels``.
     """
 
     def __init__(self, op: Any, impl: Callable[..., Any], mutates_args: tuple[str, ...] = ()) -> None:
@@ -109,15 +110,17 @@ class CustomOp:
         self.impl = impl
         names = list(inspect.signature(impl).parameters)
         self._mutated = tuple(names.index(name) for name in mutates_args)  # positions of the mutated arguments
+        self._function: Optional[type[torch.autograd.Function]] = None  # set by register_autograd
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._mutated and _dispatch_free((*args, *kwargs.values())):
-            return self.impl(*args, **kwargs)
-        if self._mutated and not kwargs and _dispatch_free(args):
-            result = self.impl(*args)
-            # What the dispatcher does for a mutating op, so that autograd sees the writes.
-            torch.autograd.graph.increment_version([args[i] for i in self._mutated])
+        path = _eager_path((*args, *kwargs.values()))
+        if path == _DIRECT and not (self._mutated and kwargs):
+            result = self.impl(*args, **kwargs)
+            if self._mutated:  # what the dispatcher does for a mutating op, so that autograd sees the writes
+                torch.autograd.graph.increment_version([args[i] for i in self._mutated])
             return result
+        if path == _DIRECT_WITH_GRAD and self._function is not None and not kwargs and not self._mutated:
+            return self._function.apply(*args)
         return self.op(*args, **kwargs)
 
     def register_fake(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -125,6 +128,15 @@ class CustomOp:
 
     def register_autograd(self, backward: Callable[..., Any], *, setup_context: Callable[..., Any]) -> None:
         self.op.register_autograd(backward, setup_context=setup_context)
+        impl = self.impl
+
+        def forward(ctx: Any, *args: Any) -> Any:
+            output = impl(*args)
+            setup_context(ctx=ctx, inputs=args, output=output)
+            return output
+
+        name = f"Eager{impl.__name__}"
+        self._function = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
 def custom_op(name: str, *, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], CustomOp]:
@@ -134,7 +146,11 @@ def custom_op(name: str, *, mutates_args: tuple[str, ...] = ()) -> Callable[[Cal
     return wrap
 
 
-def _dispatch_free(args: Iterable[Any]) -> bool:
+# How an eager call runs: the implementation itself, the implementation under autograd, or the op.
+_DIRECT, _DIRECT_WITH_GRAD, _DISPATCH = range(3)
+
+
+def _eager_path(args: Iterable[Any]) -> int:
     if (
         torch.compiler.is_compiling()
         or torch._C._len_torch_dispatch_stack()
@@ -143,10 +159,13 @@ def _dispatch_free(args: Iterable[Any]) -> bool:
         or torch._C._functorch.peek_interpreter_stack() is not None
         or torch._C._get_tracing_state() is not None  # torch.jit.trace records only dispatched ops
     ):
-        return False
+        return _DISPATCH
     grad = torch.is_grad_enabled()
+    path = _DIRECT
     for a in args:
         if isinstance(a, Tensor):
-            if type(a) is not Tensor or a.is_meta or (grad and a.requires_grad):
-                return False
-    return True
+            if type(a) is not Tensor or a.is_meta:
+                return _DISPATCH
+            if grad and a.requires_grad:
+                path = _DIRECT_WITH_GRAD
+    return path
