@@ -138,6 +138,7 @@ class NoiseSchedule:
         self._betas64 = betas.to(device)
         self._abar64 = abar.to(device)
         self._one_minus_abar64 = one_minus_abar.to(device)
+        self._q_coeffs64 = _q_coeffs(abar, one_minus_abar).to(device)
         self._abar0 = float(abar[0])  # DDIM's final abar without set_alpha_to_one, kept on the host
 
     @property
@@ -165,6 +166,7 @@ class NoiseSchedule:
         one_minus = self._one_minus_abar64.clone()
         one_minus[-1] = 1.0 - value
         copy._abar64, copy._one_minus_abar64 = abar, one_minus
+        copy._q_coeffs64 = _q_coeffs(abar, one_minus)
         copy.alphas_cumprod = abar.float()
         copy.sqrt_alphas_cumprod = abar.sqrt().float()
         copy.sqrt_one_minus_alphas_cumprod = one_minus.sqrt().float()
@@ -186,6 +188,11 @@ class NoiseSchedule:
         abar = torch.where(valid, self._abar64[index], final)
         one_minus = torch.where(valid, self._one_minus_abar64[index], 1.0 - final)
         return abar, one_minus
+
+
+def _q_coeffs(abar: Tensor, one_minus_abar: Tensor) -> Tensor:
+    """q_sample's per-timestep coefficients (sqrt(abar), sqrt(1 - abar)), shape (T, 2)."""
+    return torch.stack([abar.sqrt(), one_minus_abar.sqrt()], dim=1)
 
 
 # ------------------------------------------------------------------------------ argument handling
@@ -211,9 +218,11 @@ def _timesteps(fn: str, name: str, t: object, batch: int, device: torch.device, 
     if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, batch)):
         raise ValueError(f"{fn}(): argument '{name}' must be a scalar or of shape ({batch},), got shape {tuple(t.shape)}")
     if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(t.min()), int(t.max())
+        lo, hi = (int(v) for v in torch.aminmax(t))
         if lo < minimum or hi >= num_train:
             raise ValueError(f"{fn}(): argument '{name}' must have values in [{minimum}, {num_train}), got [{lo}, {hi}]")
+    if t.dtype == torch.int64 and t.shape == (batch,) and t.device == device and t.is_contiguous():
+        return t  # read only
     return t.to(device=device, dtype=torch.int64).reshape(-1).expand(batch).contiguous()
 
 
@@ -316,8 +325,7 @@ def q_sample(
             raise ValueError(f"{fn}(): argument 'noise' must have the shape of 'x0' {tuple(x0.shape)}, got {tuple(noise.shape)}")
     generator = _checks.generator(fn, generator)
     t = _timesteps(fn, "t", t, x0.shape[0], x0.device, len(schedule), minimum=0)
-    abar, one_minus = schedule._gather(t)
-    coeffs = torch.stack([abar.sqrt(), one_minus.sqrt()], dim=1)
+    coeffs = schedule._q_coeffs64[t]
     seed = draw_seed(generator, x0.device) if noise is None else torch.zeros(2, dtype=torch.int64, device=x0.device)
     x_t, eps, v = _q_sample(x0, noise, coeffs, seed, bool(return_velocity))
     eps = noise if noise is not None else eps
