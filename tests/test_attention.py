@@ -230,10 +230,15 @@ def test_kvcache_prefill_chunk_is_causal_bottom_right(backend):
         torch.testing.assert_close(out[b:b + 1], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_kvcache_takes_int64_lengths_strided_and_other_dtype_keys(backend):
-    """int64 lengths, key/value that are non-contiguous views or float64 give the same step."""
+@pytest.mark.parametrize("cache_layout", ["bhse", "bshe"])
+def test_kvcache_takes_int64_lengths_strided_and_other_dtype_keys(backend, cache_layout):
+    """int64 lengths, key/value that are non-contiguous views or float64, and caches stored
+    position-major (B, S, H, E) viewed as (B, H, S, E) give the same step."""
     batch, heads, capacity, dim = 2, 3, 10, 8
-    k_cache, v_cache = (torch.randn(batch, heads, capacity, dim, device=backend.device) for _ in range(2))
+    if cache_layout == "bhse":
+        k_cache, v_cache = (torch.randn(batch, heads, capacity, dim, device=backend.device) for _ in range(2))
+    else:
+        k_cache, v_cache = (torch.randn(batch, capacity, heads, dim, device=backend.device).transpose(1, 2) for _ in range(2))
     q = torch.randn(batch, heads, 2, dim, device=backend.device)
     new_kv = torch.randn(batch, 2, heads, 2 * dim, device=backend.device, dtype=torch.float64)
     key, value = new_kv[..., ::2].transpose(1, 2), new_kv[..., 1::2].transpose(1, 2)  # strided, float64
