@@ -15,69 +15,82 @@ namespace {
 
 // Philox words for several counters at once. x86 has no 32-bit high multiply, and the
 // compiler's widening of the scalar form costs twice the even/odd 32x32->64 multiplies below.
+// The vector path keeps each counter word in the low half of a 64-bit lane (a Half holds
+// kLanes / 2 of them): the even multiply then yields lo in place and hi one shift away, with no
+// blends (12 instructions a round for kLanes counters instead of 16). The high halves carry
+// junk that no multiply reads and `narrow` drops.
 #if defined(__AVX512F__)
 GK_INTRINSICS_BEGIN
 constexpr int kLanes = 16;
 typedef uint32_t Words __attribute__((vector_size(64)));
-// Sixteen counter words as two halves of eight, each word in the low half of a 64-bit lane: the
-// even multiply then yields lo and hi in place, with no blends (12 instead of 16 instructions a
-// round). The high halves carry junk that no multiply reads and `words` drops.
-struct Wide {
-  __m512i half[2];
-
-  explicit Wide(Words w) {
-    const __m512i v = reinterpret_cast<__m512i>(w);
-    half[0] = _mm512_cvtepu32_epi64(_mm512_castsi512_si256(v));
-    half[1] = _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(v, 1));
-  }
-  Wide() = default;
-  Wide(__m512i a, __m512i b) : half{a, b} {}
-
-  Words words() const {
-    const __m512i low = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    return reinterpret_cast<Words>(_mm512_permutex2var_epi32(half[0], low, half[1]));
-  }
-  Wide& operator+=(uint32_t x) {
-    for (__m512i& h : half) h = _mm512_add_epi32(h, _mm512_set1_epi32(static_cast<int>(x)));
-    return *this;
-  }
-  friend Wide operator^(const Wide& a, const Wide& b) {
-    return Wide(_mm512_xor_si512(a.half[0], b.half[0]), _mm512_xor_si512(a.half[1], b.half[1]));
-  }
-};
-struct WideMulHiLo {
-  void operator()(const Wide& a, uint32_t m, Wide& hi, Wide& lo) const {
-    const __m512i mv = _mm512_set1_epi64(m);
-    for (int i = 0; i < 2; ++i) {
-      lo.half[i] = _mm512_mul_epu32(a.half[i], mv);
-      hi.half[i] = _mm512_srli_epi64(lo.half[i], 32);
-    }
-  }
-};
-GK_INTRINSICS_END
-// The Philox words of 16 counters under a key broadcast in k0, k1.
-void philox_words(Words (&c)[4], Words k0, Words k1) {
-  Wide w[4] = {Wide(c[0]), Wide(c[1]), Wide(c[2]), Wide(c[3])};
-  // Every lane of a broadcast key holds it: both halves are the same vector, added to once.
-  const __m512i key0 = reinterpret_cast<__m512i>(k0), key1 = reinterpret_cast<__m512i>(k1);
-  philox_rounds(w[0], w[1], w[2], w[3], Wide(key0, key0), Wide(key1, key1), WideMulHiLo());
-  for (int k = 0; k < 4; ++k) c[k] = w[k].words();
+using Half = __m512i;
+Half widen(Words w, int half) {
+  const __m512i v = reinterpret_cast<__m512i>(w);
+  return _mm512_cvtepu32_epi64(half ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v));
 }
+Words narrow(Half a, Half b) {
+  const __m512i low = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  return reinterpret_cast<Words>(_mm512_permutex2var_epi32(a, low, b));
+}
+Half mul_even(Half a, uint32_t m) { return _mm512_mul_epu32(a, _mm512_set1_epi64(m)); }
+Half high_words(Half p) { return _mm512_srli_epi64(p, 32); }
+Half bit_xor(Half a, Half b) { return _mm512_xor_si512(a, b); }
+Half add_words(Half a, uint32_t x) { return _mm512_add_epi32(a, _mm512_set1_epi32(static_cast<int>(x))); }
+GK_INTRINSICS_END
 #elif defined(__AVX2__)
 constexpr int kLanes = 8;
 typedef uint32_t Words __attribute__((vector_size(32)));
-struct WordsMulHiLo {
-  void operator()(Words a, uint32_t m, Words& hi, Words& lo) const {
-    const __m256i av = reinterpret_cast<__m256i>(a), mv = _mm256_set1_epi32(static_cast<int>(m));
-    const __m256i even = _mm256_mul_epu32(av, mv), odd = _mm256_mul_epu32(_mm256_srli_epi64(av, 32), mv);
-    lo = reinterpret_cast<Words>(_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA));
-    hi = reinterpret_cast<Words>(_mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA));
-  }
-};
-void philox_words(Words (&c)[4], Words k0, Words k1) { philox_rounds(c[0], c[1], c[2], c[3], k0, k1, WordsMulHiLo()); }
+using Half = __m256i;
+Half widen(Words w, int half) {
+  const __m256i v = reinterpret_cast<__m256i>(w);
+  return _mm256_cvtepu32_epi64(half ? _mm256_extracti128_si256(v, 1) : _mm256_castsi256_si128(v));
+}
+Words narrow(Half a, Half b) {
+  const __m256i interleaved = _mm256_blend_epi32(a, _mm256_slli_epi64(b, 32), 0xAA);  // a0 b0 a1 b1 ...
+  return reinterpret_cast<Words>(_mm256_permutevar8x32_epi32(interleaved, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7)));
+}
+Half mul_even(Half a, uint32_t m) { return _mm256_mul_epu32(a, _mm256_set1_epi64x(m)); }
+Half high_words(Half p) { return _mm256_srli_epi64(p, 32); }
+Half bit_xor(Half a, Half b) { return _mm256_xor_si256(a, b); }
+Half add_words(Half a, uint32_t x) { return _mm256_add_epi32(a, _mm256_set1_epi32(static_cast<int>(x))); }
 #else
 constexpr int kLanes = 1;
 using Words = uint32_t;
+#endif
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+// kLanes counter words as two Halves, the word type of philox_rounds.
+struct Wide {
+  Half half[2];
+
+  Wide() = default;
+  Wide(Half a, Half b) : half{a, b} {}
+  explicit Wide(Words w) : half{widen(w, 0), widen(w, 1)} {}
+
+  Words words() const { return narrow(half[0], half[1]); }
+  Wide& operator+=(uint32_t x) {
+    for (Half& h : half) h = add_words(h, x);
+    return *this;
+  }
+  friend Wide operator^(const Wide& a, const Wide& b) { return Wide(bit_xor(a.half[0], b.half[0]), bit_xor(a.half[1], b.half[1])); }
+};
+struct WideMulHiLo {
+  void operator()(const Wide& a, uint32_t m, Wide& hi, Wide& lo) const {
+    for (int i = 0; i < 2; ++i) {
+      lo.half[i] = mul_even(a.half[i], m);
+      hi.half[i] = high_words(lo.half[i]);
+    }
+  }
+};
+// The Philox words of kLanes counters under a key broadcast in k0, k1.
+void philox_words(Words (&c)[4], Words k0, Words k1) {
+  Wide w[4] = {Wide(c[0]), Wide(c[1]), Wide(c[2]), Wide(c[3])};
+  // Every lane of a broadcast key holds it: both halves are the same vector, added to once.
+  const Half key0 = reinterpret_cast<Half>(k0), key1 = reinterpret_cast<Half>(k1);
+  philox_rounds(w[0], w[1], w[2], w[3], Wide(key0, key0), Wide(key1, key1), WideMulHiLo());
+  for (int k = 0; k < 4; ++k) c[k] = w[k].words();
+}
+#else
 void philox_words(Words (&c)[4], Words k0, Words k1) { philox_rounds(c[0], c[1], c[2], c[3], k0, k1); }
 #endif
 
