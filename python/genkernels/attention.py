@@ -404,6 +404,9 @@ def attention_with_kvcache(
     those positions, then ``query`` ``(B, Hq, L_new, E)`` attends to its sequence's
     ``cache_seqlens[b] + L_new`` valid keys, causal among the new tokens (bottom-right aligned).
     Query heads may be a multiple of the cache's (grouped-query attention).
+
+    On CPU tensors a sequence whose length plus the new tokens exceeds ``S_max`` raises
+    ``ValueError`` before anything is written to the caches.
     """
     fn = "attention_with_kvcache"
     query = _checks.float_tensor(fn, "query", query, min_dim=4, cpu_extra=_CPU_EXTRA)
