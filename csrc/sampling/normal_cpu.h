@@ -120,7 +120,8 @@ class Lookahead {
  public:
   Lookahead(int64_t n, int64_t element_bytes) : n_(n), element_bytes_(element_bytes) {}
 
-  // Adds an input; a null pointer (an absent input) is ignored.
+  // Adds an input; a null pointer (an absent input) is ignored, and so are inputs beyond the
+  // sixth (a prefetch is only a hint).
   Lookahead& read(const void* data) {
     if (data && count_ < kMaxStreams) streams_[count_++] = static_cast<const char*>(data);
     return *this;
