@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _backend, _checks
 from ._backend import _C, DTYPE_CODES, custom_op, launch_for
 from ._rng import draw_seed
 
@@ -455,7 +455,8 @@ def _attention_kvcache(
     batch, heads_q, len_new, dim = query.shape
     capacity = key_cache.shape[2]
     appended = key.shape[2] if key is not None else 0
-    if launch_for(query).module is _C and batch and dim and value_cache.shape[3] and key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1:
+    on_cpu_kernels = query.device.type == "cpu" and not _backend._emulating
+    if on_cpu_kernels and batch and dim and value_cache.shape[3] and key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1:
         # The CPU appends and attends in one call: a decoding step is too short for more.
         q = query if query.stride(-1) == 1 else query.contiguous()
         new = [_as_rows(t, key_cache.dtype) for t in (key, value)] if key is not None else [None, None]
@@ -484,8 +485,9 @@ def _attention_kvcache(
 
 def _as_rows(t: Tensor, dtype: torch.dtype) -> Tensor:
     """t in `dtype` with a contiguous last dimension."""
-    t = t.to(dtype)
-    return t if t.stride(-1) == 1 else t.contiguous()
+    if t.dtype == dtype and t.stride(-1) == 1:
+        return t
+    return t.to(dtype).contiguous()
 
 
 def _address_and_strides(t: Optional[Tensor]) -> tuple[int, tuple[int, ...]]:
