@@ -38,16 +38,22 @@ GK_HD void sincos_reduced(float r, float* s, float* c) {
   *c = fmaf(r2, pc, 1.0f);
 }
 
-// Rotates (sin r, cos r) by q quarter turns, q a float in {0, 1, 2, 3}; selects, not branches,
-// so that loops over it vectorise. A NaN q falls through to a NaN result.
-GK_HD void rotate_quadrant(float q, float s, float c, float* sin_out, float* cos_out) {
-  *sin_out = q == 0.0f ? s : q == 1.0f ? c : q == 2.0f ? -s : -c;
-  *cos_out = q == 0.0f ? c : q == 1.0f ? -s : q == 2.0f ? -c : s;
+// Rotates (sin r, cos r) by `quarter` quarter turns (mod 4) with bit operations, exactly: an odd
+// count swaps the pair, and the sign bits of sin and cos flip where quarter & 2 and
+// (quarter + 1) & 2 are set. Selects, not branches, so that loops over it vectorise.
+GK_HD void rotate_quarters(uint32_t quarter, float s, float c, float* sin_out, float* cos_out) {
+  const bool swap = (quarter & 1u) != 0;
+  *sin_out = bits_float(float_bits(swap ? c : s) ^ ((quarter & 2u) << 30));
+  *cos_out = bits_float(float_bits(swap ? s : c) ^ (((quarter + 1u) & 2u) << 30));
 }
 
-// k mod 4 for an integral float k; rint of (k - 1.5) / 4 never meets a tie, and unlike floor it
-// vectorises.
-GK_HD float quadrant_of(float k) { return k - 4.0f * rintf((k - 1.5f) * 0.25f); }
+// k mod 4 as a count of quarter turns, for an integral float k of any size; rint of (k - 1.5) / 4
+// never meets a tie, and unlike floor it vectorises. A NaN k (x infinite or NaN, whose sine is
+// NaN whatever the rotation) counts 0.
+GK_HD uint32_t quarter_turns(float k) {
+  const float q = k - 4.0f * rintf((k - 1.5f) * 0.25f);  // small and integral when k is finite
+  return q == q ? static_cast<uint32_t>(static_cast<int32_t>(q)) : 0u;
+}
 }  // namespace detail
 
 // sin(x) and cos(x) to about an ulp for |x| < 2^20 (Cody-Waite reduction with fused
@@ -60,7 +66,7 @@ GK_HD void sincos(float x, float* s, float* c) {
   r = fmaf(-k, kPio2Lo, r);
   float sr, cr;
   sincos_reduced(r, &sr, &cr);
-  rotate_quadrant(quadrant_of(k), sr, cr, s, c);
+  rotate_quarters(quarter_turns(k), sr, cr, s, c);
 }
 
 GK_HD void sincos(double x, double* s, double* c) {
@@ -68,19 +74,14 @@ GK_HD void sincos(double x, double* s, double* c) {
   *c = cos(x);
 }
 
-// sin(2 pi t) and cos(2 pi t) for t in [0, 1), reduced exactly in turns. The quarter turns q in
-// {0, ..., 4} rotate (sin r, cos r) by bit operations: an odd q swaps the pair, and the sign bits
-// of sin and cos flip where q & 2 and (q + 1) & 2 are set.
+// sin(2 pi t) and cos(2 pi t) for t in [0, 1), reduced exactly in turns.
 GK_HD void sincos_turns(float t, float* s, float* c) {
   using namespace detail;
-  const float q = rintf(4.0f * t);
+  const float q = rintf(4.0f * t);  // in {0, ..., 4}: a count of quarter turns as it stands
   const float r = (t - 0.25f * q) * kTwoPi;  // |r| <= pi/4; t - q/4 is exact
   float sr, cr;
   sincos_reduced(r, &sr, &cr);
-  const uint32_t quarter = static_cast<uint32_t>(static_cast<int32_t>(q));
-  const bool swap = (quarter & 1u) != 0;
-  *s = bits_float(float_bits(swap ? cr : sr) ^ ((quarter & 2u) << 30));
-  *c = bits_float(float_bits(swap ? sr : cr) ^ (((quarter + 1u) & 2u) << 30));
+  rotate_quarters(static_cast<uint32_t>(q), sr, cr, s, c);
 }
 
 // Natural logarithm of a positive normal float: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
