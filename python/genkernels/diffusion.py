@@ -120,12 +120,13 @@ class NoiseSchedule:
         abar_prev = torch.cat([torch.ones(1, dtype=f64), abar[:-1]])
         one_minus_abar_prev = torch.cat([torch.zeros(1, dtype=f64), one_minus_abar[:-1]])
         posterior_variance = betas * one_minus_abar_prev / one_minus_abar
+        q_coeffs = _q_coeffs(abar, one_minus_abar)
         tables64 = {
             "betas": betas,
             "alphas": alphas,
             "alphas_cumprod": abar,
-            "sqrt_alphas_cumprod": abar.sqrt(),
-            "sqrt_one_minus_alphas_cumprod": one_minus_abar.sqrt(),
+            "sqrt_alphas_cumprod": q_coeffs[:, 0],
+            "sqrt_one_minus_alphas_cumprod": q_coeffs[:, 1],
             "posterior_variance": posterior_variance,
             # The first posterior variance is 0; its log is clipped to the second's (Ho et al.'s code).
             "posterior_log_variance_clipped": torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
@@ -138,7 +139,7 @@ class NoiseSchedule:
         self._betas64 = betas.to(device)
         self._abar64 = abar.to(device)
         self._one_minus_abar64 = one_minus_abar.to(device)
-        self._q_coeffs64 = _q_coeffs(abar, one_minus_abar).to(device)
+        self._q_coeffs64 = q_coeffs.to(device)
         self._abar0 = float(abar[0])  # DDIM's final abar without set_alpha_to_one, kept on the host
 
     @property
@@ -168,8 +169,7 @@ class NoiseSchedule:
         copy._abar64, copy._one_minus_abar64 = abar, one_minus
         copy._q_coeffs64 = _q_coeffs(abar, one_minus)
         copy.alphas_cumprod = abar.float()
-        copy.sqrt_alphas_cumprod = abar.sqrt().float()
-        copy.sqrt_one_minus_alphas_cumprod = one_minus.sqrt().float()
+        copy.sqrt_alphas_cumprod, copy.sqrt_one_minus_alphas_cumprod = copy._q_coeffs64.T.float().contiguous().unbind(0)
         return copy
 
     def __len__(self) -> int:

@@ -73,13 +73,8 @@ class _Scheduler:
             config["trained_betas"], config["rescale_betas_zero_snr"],
         )
         self.num_inference_steps: Optional[int] = None
-        n = len(self.schedule)
-        self.timesteps = torch.arange(n - 1, -1, -1, dtype=torch.int64)
-        # prev_of[t + 1] = the timestep after t in the chain (-1 at its end); indexed on the device.
-        self._prev_of = torch.arange(-2, n - 1, dtype=torch.int64)
-        # before_of[t] = the timestep before t in the chain (t itself where there is none).
-        self._before_of = torch.arange(1, n + 1, dtype=torch.int64).clamp(max=n - 1)
         self._tables: dict[tuple, Tensor] = {}
+        self._use_timesteps(np.arange(len(self.schedule) - 1, -1, -1, dtype=np.int64), None)  # every timestep until set_timesteps
 
     def __len__(self) -> int:
         return len(self.schedule)
@@ -118,8 +113,10 @@ class _Scheduler:
             raise ValueError(f"{type(self).__name__}: timesteps must lie in [0, {n}), got [{timesteps.min()}, {timesteps.max()}]")
         if np.any(np.diff(timesteps) >= 0):
             raise ValueError(f"{type(self).__name__}: timesteps must be strictly decreasing, got {timesteps.tolist()}")
+        # prev_of[t + 1] = the timestep after t in the chain (-1 at its end); indexed on the device.
         prev_of = np.arange(-2, n - 1, dtype=np.int64)
         prev_of[timesteps + 1] = np.append(timesteps[1:], -1)
+        # before_of[t] = the timestep before t in the chain (t itself where there is none).
         before_of = np.minimum(np.arange(1, n + 1, dtype=np.int64), n - 1)
         before_of[timesteps[1:]] = timesteps[:-1]
         self.timesteps = torch.from_numpy(timesteps.copy()).to(device)
