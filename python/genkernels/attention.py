@@ -473,12 +473,9 @@ def _attention_kvcache(
         lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
         if lo < 0 or hi + appended > capacity:
             raise ValueError(f"attention_with_kvcache(): cache_seqlens + new tokens must lie in [0, {capacity}], got lengths from {lo} to {hi} with {appended} new")
-    if appended:
-        positions = cache_seqlens.to(torch.int64)[:, None] + torch.arange(appended, device=cache_seqlens.device)  # (B, L_new)
-        rows = torch.arange(batch, device=cache_seqlens.device)[:, None]
-        key_cache[rows, :, positions] = key.transpose(1, 2).to(key_cache.dtype)  # (B, L_new, H, E)
-        value_cache[rows, :, positions] = value.transpose(1, 2).to(value_cache.dtype)
-    kv_lens = (cache_seqlens + appended).to(torch.int32).contiguous()
+    from .reference import kvcache_append
+
+    kv_lens = (kvcache_append(key_cache, value_cache, cache_seqlens, key, value) if appended else cache_seqlens).to(torch.int32).contiguous()
     out, _ = _attention_forward.impl(query, key_cache, value_cache, None, kv_lens, scale, -1, 0 if causal else -1, True, 0.0, None)
     return out
 

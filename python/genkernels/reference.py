@@ -175,6 +175,17 @@ def scaled_dot_product_attention(
     return out, torch.where(empty, torch.zeros_like(lse), lse)
 
 
+def kvcache_append(key_cache: Tensor, value_cache: Tensor, cache_seqlens: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    """Writes ``key``/``value`` ``(B, H, L_new, E)`` into the caches ``(B, H, S_max, E)`` in place,
+    after each sequence's ``cache_seqlens[b]`` positions; returns the new lengths (int64)."""
+    lengths = cache_seqlens.to(torch.int64)
+    positions = lengths[:, None] + torch.arange(key.shape[2], device=key.device)  # (B, L_new)
+    rows = torch.arange(key.shape[0], device=key.device)[:, None]
+    key_cache[rows, :, positions] = key.transpose(1, 2).to(key_cache.dtype)  # (B, L_new, H, E)
+    value_cache[rows, :, positions] = value.transpose(1, 2).to(value_cache.dtype)
+    return lengths + key.shape[2]
+
+
 def attention_dropout_mask(seed: Tensor, shape: tuple[int, int, int, int], dropout_p: float) -> Tensor:
     """The keep-mask (bool, ``shape`` = (B, Hq, L, S)) of attention dropout with probability
     ``dropout_p`` under the seed tensor ``[key, offset]``: weight e (row-major index) is kept

@@ -68,13 +68,9 @@ class Ops:
         lets ``q`` attend causally (bottom-right) to the ``cache_seqlens[b] + L_new`` valid keys."""
         if self.fast:
             return attention.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, key=k, value=v)
-        lengths = cache_seqlens.to(torch.int64)
-        positions = lengths[:, None] + torch.arange(k.shape[2], device=k.device)  # (B, L_new)
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        k_cache[rows, :, positions] = k.transpose(1, 2)
-        v_cache[rows, :, positions] = v.transpose(1, 2)
+        kv_lens = reference.kvcache_append(k_cache, v_cache, cache_seqlens, k, v)
         out, _ = reference.scaled_dot_product_attention(
-            q, k_cache, v_cache, is_causal=True, causal_alignment="bottom_right", kv_lens=lengths + k.shape[2]
+            q, k_cache, v_cache, is_causal=True, causal_alignment="bottom_right", kv_lens=kv_lens
         )
         return out
 
