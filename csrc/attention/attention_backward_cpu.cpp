@@ -21,6 +21,7 @@
 // with A read at any strides. Memory: the task's packed queries, O(group x len_q x dims) per
 // thread; the len_q x len_kv matrix never exists.
 #include "attention/attention_cpu_tiles.h"
+#include "common/cpu_memory.h"
 
 namespace gk {
 namespace GK_ISA {
@@ -286,6 +287,11 @@ void attention_backward(const AttentionBackwardParams& bp, const CpuExec& exec) 
   bp.check();
   require(bp.fwd.dtype == DType::f32 || bp.fwd.dtype == DType::f64 || bp.fwd.dtype == DType::bf16,
           std::string("attention_backward does not support ") + dtype_name(bp.fwd.dtype) + " on cpu");
+  const AttentionParams& p = bp.fwd;
+  const size_t size = dtype_size(p.dtype);
+  advise_huge_pages(bp.dq, static_cast<size_t>(p.batch * p.heads_q * p.len_q * p.dim_qk) * size);
+  advise_huge_pages(bp.dk, static_cast<size_t>(p.batch * p.heads_kv * p.len_kv * p.dim_qk) * size);
+  advise_huge_pages(bp.dv, static_cast<size_t>(p.batch * p.heads_kv * p.len_kv * p.dim_v) * size);
   GK_CPU_DISPATCH(attention_backward, bp, exec);
 }
 #endif
