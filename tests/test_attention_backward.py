@@ -91,6 +91,52 @@ def test_low_precision_gradients(backend, shape, causal):
             assert rel_error(g.cpu(), e) <= max(2 * rel_error(t, e), 4 * ulp), (dtype, name)
 
 
+# 16-bit cases across the features of the CUDA tensor-core backward (head dims up to 128; the
+# CPU computes bfloat16 in float32): (shape, kwargs, mask kind).
+LOW_PRECISION_FEATURES = {
+    "window_gqa": ((1, 4, 2, 70, 90, 64, 64), dict(window=(20, 5), enable_gqa=True), None),
+    "bottom_right_dims": ((2, 2, 2, 33, 75, 40, 24), dict(is_causal=True, causal_alignment="bottom_right"), None),
+    "bool_mask": ((1, 2, 2, 66, 67, 80, 72), dict(), "bool"),
+    "float_mask_grad": ((2, 2, 1, 20, 70, 32, 16), dict(enable_gqa=True), "float_grad"),
+    "causal_128": ((1, 2, 2, 130, 130, 128, 128), dict(is_causal=True), None),
+    "odd_dims": ((1, 3, 1, 17, 40, 7, 13), dict(enable_gqa=True), "float"),
+}
+
+
+@pytest.mark.parametrize("name", LOW_PRECISION_FEATURES)
+def test_low_precision_features(backend, name):
+    """Windows, alignments, GQA, masks (and their gradient), head dims and lengths that cross
+    tiles in bfloat16 and float16: within a few units in the last place of the largest gradient
+    of the float64 reference."""
+    shape, kwargs, mask_kind = LOW_PRECISION_FEATURES[name]
+    q, k, v, dout = case(*shape)
+    batch, heads_q, _, len_q, len_kv = shape[:5]
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(batch, heads_q, len_q, len_kv) > 0.2
+        mask[0, 0, 3] = False  # a fully masked row
+    elif mask_kind is not None:
+        mask = torch.randn(1, heads_q, len_q, len_kv)
+    dtypes = [torch.bfloat16] + ([torch.float16] if backend.cuda_kernels else [])
+    for dtype in dtypes:
+        ulp = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+        tensors = [q, k, v] + ([mask] if mask_kind == "float_grad" else [])
+        inputs, exact_inputs = leaves(backend.device, dtype, *tensors), leaves("cpu", torch.float64, *tensors)
+
+        def run(inputs, device, mask_dtype):
+            m = inputs[3] if mask_kind == "float_grad" else None
+            if mask is not None and m is None:
+                m = mask.to(device, torch.bool if mask.dtype == torch.bool else mask_dtype)
+            return dict(attn_mask=m, **kwargs)
+
+        out = genkernels.scaled_dot_product_attention(*inputs[:3], **run(inputs, backend.device, dtype))
+        got = torch.autograd.grad(out, inputs, dout.to(backend.device, dtype))
+        exact_out, _ = reference.scaled_dot_product_attention(*exact_inputs[:3], **run(exact_inputs, "cpu", torch.float64))
+        exact = torch.autograd.grad(exact_out, exact_inputs, dout.double())
+        for g_name, g, e in zip(("dq", "dk", "dv", "dmask"), got, exact):
+            assert g.dtype == dtype and rel_error(g.cpu(), e) <= 8 * ulp, (dtype, g_name)
+
+
 @pytest.mark.parametrize("dim, dim_v", [(128, 128), (200, 160), (256, 32), (24, 256)])
 def test_head_dims(backend, dim, dim_v):
     q, k, v, dout = case(1, 2, 1, 19, 33, dim, dim_v)

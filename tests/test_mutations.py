@@ -7,9 +7,10 @@ its own extension module, and runs a check against genkernels.reference on it in
 or an emulation fault raised as RuntimeError) in at least one thread order, while the unmutated
 build of the same sources passes it in every order.
 
-The attention kernel's mutations plant the bugs of tensor-core code: a wrong mma fragment
-layout, a read of a cp.async-staged tile before waiting for it, and a missing barrier between
-staging a tile and reading it.
+The attention kernels' mutations plant the bugs of tensor-core code: a wrong mma fragment
+layout (in the shared header, compiled into the forward), a read of a cp.async-staged tile
+before waiting for it, a missing barrier between staging a tile and reading it, and in the backward a query tile
+read before its copies land and a gradient formula missing a term.
 """
 
 from __future__ import annotations
@@ -79,12 +80,13 @@ def compile_flags(include: Path) -> list[str]:
 @dataclass(frozen=True)
 class Mutation:
     name: str
-    source: str  # relative to the repository root
+    source: str  # relative to the repository root: a kernel source, or a header it includes
     old: str
     new: str
     check: Callable[[], None]
     expected: type[Exception]  # AssertionError: wrong values or stray writes; RuntimeError: an emulation fault
     match: str = ""  # a regular expression the failure's message must contain
+    unit: str = ""  # for a header: the kernel source to compile against it (relative to the root)
 
     def apply(self) -> str:
         text = (ROOT / self.source).read_text()
@@ -104,8 +106,9 @@ class Builds:
         with ThreadPoolExecutor(max_workers=2) as pool:
             self.objects = dict(zip(sources, pool.map(lambda s: self.compile(s, root / f"{s.stem}.o"), sources)))
 
-    def compile(self, source: Path, obj: Path) -> Path:
-        result = subprocess.run(["g++", *self.flags, "-x", "c++", "-c", str(source), "-o", str(obj)],
+    def compile(self, source: Path, obj: Path, include: Optional[Path] = None) -> Path:
+        first = [f"-I{include}"] if include is not None else []  # searched before csrc
+        result = subprocess.run(["g++", *first, *self.flags, "-x", "c++", "-c", str(source), "-o", str(obj)],
                                 capture_output=True, text=True)
         assert result.returncode == 0, f"compiling {source} failed:\n{result.stderr}"
         return obj
@@ -117,9 +120,13 @@ class Builds:
         folder.mkdir()
         objects = dict(self.objects)
         if mutation is not None:
-            mutated = folder / Path(mutation.source).name
+            # The mutated file sits at its csrc path under the folder, which the compiler searches
+            # first: a mutated header shadows the original for the unit that includes it.
+            mutated = folder / Path(mutation.source).relative_to("csrc")
+            mutated.parent.mkdir(parents=True, exist_ok=True)
             mutated.write_text(mutation.apply())
-            objects[ROOT / mutation.source] = self.compile(mutated, folder / f"{mutated.stem}.o")
+            unit = ROOT / (mutation.unit or mutation.source)
+            objects[unit] = self.compile(unit if mutation.unit else mutated, folder / f"{unit.stem}.o", include=folder)
         path = folder / f"{MODULE}{sysconfig.get_config_var('EXT_SUFFIX')}"
         result = subprocess.run(["g++", "-shared", "-pthread", *map(str, objects.values()), "-o", str(path)],
                                 capture_output=True, text=True)
@@ -259,11 +266,34 @@ def check_attention_tensor_cores() -> None:
                                    atol=1e-5)
 
 
-CHECKS = [check_sinusoidal, check_normal_and_reparameterize, check_gaussian_kl_sum, check_attention_tensor_cores]
+def check_attention_backward_tensor_cores() -> None:
+    # float16 and bfloat16 gradients from the tensor-core backward kernels: 2 query tiles and 3
+    # key tiles (double-buffered in each kernel), grouped-query heads, a causal band.
+    batch, heads_q, heads_kv, len_q, len_kv, dim = 1, 2, 1, 70, 100, 64
+    g = torch.Generator().manual_seed(5)
+    for dtype, tol in ((torch.float16, 4e-3), (torch.bfloat16, 3e-2)):
+        tensors = [torch.randn(batch, heads_q, len_q, dim, generator=g), torch.randn(batch, heads_kv, len_kv, dim, generator=g),
+                   torch.randn(batch, heads_kv, len_kv, dim, generator=g)]
+        dout = torch.randn(batch, heads_q, len_q, dim, generator=g)
+        inputs = [t.to(dtype).requires_grad_() for t in tensors]
+        out = genkernels.scaled_dot_product_attention(*inputs, is_causal=True, causal_alignment="bottom_right", enable_gqa=True)
+        got = torch.autograd.grad(out, inputs, dout.to(dtype))
+        exact_inputs = [t.to(dtype).double().requires_grad_() for t in tensors]
+        exact_out, _ = reference.scaled_dot_product_attention(*exact_inputs, is_causal=True, causal_alignment="bottom_right",
+                                                              enable_gqa=True)
+        exact = torch.autograd.grad(exact_out, exact_inputs, dout.to(dtype).double())
+        for x, e in zip(got, exact):
+            torch.testing.assert_close(x.double(), e, rtol=0, atol=tol * e.abs().max().item())
+
+
+CHECKS = [check_sinusoidal, check_normal_and_reparameterize, check_gaussian_kl_sum, check_attention_tensor_cores,
+          check_attention_backward_tensor_cores]
 
 POSENC = "csrc/posenc/posenc_cuda.cu"
 SAMPLING = "csrc/sampling/sampling_cuda.cu"
 ATTENTION = "csrc/attention/attention_cuda.cu"
+ATTENTION_BACKWARD = "csrc/attention/attention_backward_cuda.cu"
+ATTENTION_TILES = "csrc/attention/attention_cuda_tiles.cuh"
 MUTATIONS = [
     Mutation("sinusoidal_column_off_by_one", POSENC, "row[spec.stride() * i + spec.sin_offset()]",
              "row[spec.stride() * i + spec.sin_offset() + 1]", check_sinusoidal, AssertionError),
@@ -278,15 +308,21 @@ MUTATIONS = [
              r"__shfl_down_sync.*mask"),
     Mutation("kl_shuffle_skips_offset_16", SAMPLING, "int lane_offset = 16;", "int lane_offset = 8;",
              check_gaussian_kl_sum, AssertionError),
-    Mutation("attention_p_fragment_registers_swapped", ATTENTION,
-             "a[1] = pack<T>(s[2 * kk][2], s[2 * kk][3]);\n      a[2] = pack<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);",
-             "a[2] = pack<T>(s[2 * kk][2], s[2 * kk][3]);\n      a[1] = pack<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);",
-             check_attention_tensor_cores, AssertionError),
+    Mutation("attention_p_fragment_registers_swapped", ATTENTION_TILES,
+             "a[1] = pack<T>(p[2 * kk][2], p[2 * kk][3]);\n    a[2] = pack<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]);",
+             "a[2] = pack<T>(p[2 * kk][2], p[2 * kk][3]);\n    a[1] = pack<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]);",
+             check_attention_tensor_cores, AssertionError, unit=ATTENTION),
     Mutation("attention_reads_tile_before_cp_async_wait", ATTENTION,
              "    cp_async_wait<1>();  // this thread's copies of `tile` have landed...\n", "",
              check_attention_tensor_cores, AssertionError),
     Mutation("attention_tile_without_barrier", ATTENTION, "    __syncthreads();     // ...and every thread's\n", "",
              check_attention_tensor_cores, AssertionError),
+    Mutation("attention_backward_reads_query_tile_before_cp_async_wait", ATTENTION_BACKWARD,
+             "    cp_async_wait<1>();\n    __syncthreads();\n    const T* const tQ", "    __syncthreads();\n    const T* const tQ",
+             check_attention_backward_tensor_cores, AssertionError),
+    Mutation("attention_backward_ds_without_delta", ATTENTION_BACKWARD,
+             "dp[nt][e] = prob * (z * dp[nt][e] - tD[col]);", "dp[nt][e] = prob * z * dp[nt][e];",
+             check_attention_backward_tensor_cores, AssertionError),
 ]
 
 
