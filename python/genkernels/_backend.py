@@ -7,6 +7,7 @@ so this module is the only bridge between torch tensors and the kernels.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 from types import ModuleType
@@ -70,12 +71,19 @@ def launch_for(t: torch.Tensor) -> Launch:
     if device.type == "cpu":
         if _emulating:
             return Launch(_C_emu, 0, 0, True)
-        return Launch(_C, torch.get_num_threads(), 0, False)
+        return _cpu_launch(torch.get_num_threads())
     if device.type == "cuda":
         if _C_cuda is None:
             raise RuntimeError(f"genkernels was built without CUDA support, or its CUDA module failed to load: {CUDA_IMPORT_ERROR}")
         return Launch(_C_cuda, device.index, torch.cuda.current_stream(device).cuda_stream, True)
     raise ValueError(f"genkernels runs on cpu and cuda tensors, got a tensor on {device}")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_launch(threads: int) -> Launch:
+    """The CPU's launch for ``threads`` threads, built once: a frozen dataclass costs half a
+    microsecond to build, at every kernel call."""
+    return Launch(_C, threads, 0, False)
 
 
 def float_dtypes(device: torch.device, cpu_extra: tuple[torch.dtype, ...] = ()) -> tuple[torch.dtype, ...]:

@@ -19,7 +19,7 @@ def _fail(kind: type, fn: str, name: str, expected: str, got: object) -> Excepti
 def tensor(fn: str, name: str, value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise _fail(TypeError, fn, name, "a torch.Tensor", type(value).__name__)
-    if value.device.type not in ("cpu", "cuda"):
+    if not (value.is_cpu or value.is_cuda):  # device.type would build a device and a string
         raise _fail(ValueError, fn, name, "on a cpu or cuda device", value.device)
     return value
 
@@ -41,18 +41,19 @@ def float_tensor(
 
 
 def same_device(fn: str, tensors: dict[str, torch.Tensor]) -> None:
-    devices = {n: t.device for n, t in tensors.items()}
-    first = next(iter(devices))
-    for n, d in devices.items():
-        if d != devices[first]:
-            raise _fail(ValueError, fn, n, f"on the same device as '{first}' ({devices[first]})", d)
+    first, t0 = next(iter(tensors.items()))
+    device = t0.device
+    for n, t in tensors.items():
+        if t.device != device:
+            raise _fail(ValueError, fn, n, f"on the same device as '{first}' ({device})", t.device)
 
 
 def same_dtype(fn: str, tensors: dict[str, torch.Tensor]) -> None:
     first, t0 = next(iter(tensors.items()))
+    dtype = t0.dtype
     for n, t in tensors.items():
-        if t.dtype != t0.dtype:
-            raise _fail(TypeError, fn, n, f"of the same dtype as '{first}' ({t0.dtype})", t.dtype)
+        if t.dtype != dtype:
+            raise _fail(TypeError, fn, n, f"of the same dtype as '{first}' ({dtype})", t.dtype)
 
 
 def broadcast_shapes(fn: str, tensors: dict[str, torch.Tensor]) -> torch.Size:
@@ -75,7 +76,8 @@ def integer(fn: str, name: str, value: object, *, minimum: Optional[int] = None)
 
 
 def real(fn: str, name: str, value: object, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
+    # A float needs no isinstance against the Real ABC, which is slow.
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, Real)):
         raise _fail(TypeError, fn, name, "a real number", type(value).__name__)
     v = float(value)
     if not math.isfinite(v):

@@ -43,6 +43,7 @@ _S = {
     )
 }
 _VARIANCE_INPUT = {None: 0, "learned": 1, "learned_range": 2}
+_HALF = (torch.float16, torch.bfloat16)
 
 Timesteps = Union[int, Tensor]
 
@@ -218,18 +219,24 @@ def _timesteps(fn: str, name: str, t: object, batch: int, device: torch.device, 
     if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, batch)):
         raise ValueError(f"{fn}(): argument '{name}' must be a scalar or of shape ({batch},), got shape {tuple(t.shape)}")
     if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():
-        lo, hi = (int(v) for v in torch.aminmax(t))
+        lo, hi = torch.aminmax(t)
+        lo, hi = int(lo), int(hi)
         if lo < minimum or hi >= num_train:
             raise ValueError(f"{fn}(): argument '{name}' must have values in [{minimum}, {num_train}), got [{lo}, {hi}]")
-    if t.dtype == torch.int64 and t.shape == (batch,) and t.device == device and t.is_contiguous():
+    # Only gathered with, so any strides will do (a scheduler's timestep is often expanded).
+    if t.dtype == torch.int64 and t.shape == (batch,) and t.device == device:
         return t  # read only
-    return t.to(device=device, dtype=torch.int64).reshape(-1).expand(batch).contiguous()
+    return t.to(device=device, dtype=torch.int64).reshape(-1).expand(batch)
 
 
-def _as_kernel_input(t: Tensor) -> Tensor:
-    """Contiguous, in a dtype the kernels take on that device (the CPU computes 16-bit in float32)."""
-    if t.device.type == "cpu" and not launch_for(t).half_types and t.dtype in (torch.float16, torch.bfloat16):
-        t = t.float()
+def _as_kernel_input(t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Contiguous, in ``dtype`` or else in a dtype the kernels take on that device (the CPU
+    computes 16-bit in float32); ``t`` itself when it already is."""
+    if dtype is None:
+        half_on_cpu = t.dtype in _HALF and t.device.type == "cpu" and not launch_for(t).half_types
+        dtype = torch.float32 if half_on_cpu else t.dtype
+    if t.dtype != dtype:
+        t = t.to(dtype)
     return t.contiguous()
 
 
@@ -248,7 +255,7 @@ def _empty() -> Tensor:
 def _q_sample(x0: Tensor, noise: Optional[Tensor], coeffs: Tensor, seed: Tensor, return_velocity: bool) -> tuple[Tensor, Tensor, Tensor]:
     x0c = _as_kernel_input(x0)
     x_t = torch.empty_like(x0c)
-    noise_out = _as_kernel_input(noise).to(x0c.dtype) if noise is not None else torch.empty_like(x0c)
+    noise_out = _as_kernel_input(noise, x0c.dtype) if noise is not None else torch.empty_like(x0c)
     velocity = torch.empty_like(x0c) if return_velocity else x0c.new_empty(0)
     batch = x0c.shape[0] if x0c.dim() else 1
     run = launch_for(x_t)
@@ -362,35 +369,32 @@ class _StepInputs:
 
     def __init__(self, fn, model_output, sample, guidance_scale, guidance_rescale, noise, variance_type=None, prev_x0=None):
         uncond, cond, w = _guidance(fn, model_output, guidance_scale)
-        extra = (torch.float16, torch.bfloat16)
-        sample = _checks.float_tensor(fn, "sample", sample, min_dim=1, cpu_extra=extra)
-        args = {"sample": sample, "model_output": _checks.float_tensor(fn, "model_output", uncond, cpu_extra=extra)}
+        sample = _checks.float_tensor(fn, "sample", sample, min_dim=1, cpu_extra=_HALF)
+        args = {"sample": sample, "model_output": _checks.float_tensor(fn, "model_output", uncond, cpu_extra=_HALF)}
         if cond is not None:
-            args["model_output[1]"] = _checks.float_tensor(fn, "model_output[1]", cond, cpu_extra=extra)
+            args["model_output[1]"] = _checks.float_tensor(fn, "model_output[1]", cond, cpu_extra=_HALF)
         for name, value in (("noise", noise), ("prev_x0", prev_x0)):
             if value is not None:
-                args[name] = _checks.float_tensor(fn, name, value, cpu_extra=extra)
+                args[name] = _checks.float_tensor(fn, name, value, cpu_extra=_HALF)
         _checks.same_device(fn, args)
         _checks.same_dtype(fn, args)
         self.variance = None
-        outputs = [args["model_output"]] + ([args["model_output[1]"]] if cond is not None else [])
         if variance_type in ("learned", "learned_range") and uncond.dim() >= 2 and uncond.shape[1] == 2 * sample.shape[1]:
             # diffusers' convention: the model predicts [eps | variance] along the channels; with
             # guidance the variance comes from the conditional output.
             channels = sample.shape[1]
-            self.variance = outputs[-1][:, channels:]
-            outputs = [o[:, :channels] for o in outputs]
-        for name, o in zip(("model_output", "model_output[1]"), outputs):
-            if o.shape != sample.shape:
-                raise ValueError(f"{fn}(): argument '{name}' must have the shape of 'sample' {tuple(sample.shape)}, got {tuple(o.shape)}")
-        for name, value in (("noise", noise), ("prev_x0", prev_x0)):
-            if value is not None and value.shape != sample.shape:
+            self.variance = (uncond if cond is None else cond)[:, channels:]
+            for name in ("model_output", "model_output[1]"):
+                if name in args:
+                    args[name] = args[name][:, :channels]
+        for name, value in args.items():
+            if value.shape != sample.shape:
                 raise ValueError(f"{fn}(): argument '{name}' must have the shape of 'sample' {tuple(sample.shape)}, got {tuple(value.shape)}")
         self.dtype = sample.dtype
         self.device = sample.device
         self.batch = sample.shape[0]
         self.sample = sample
-        self.model, self.cond = outputs[0], outputs[1] if cond is not None else None
+        self.model, self.cond = args["model_output"], args.get("model_output[1]")
         self.w = w
         self.rescale = _checks.real(fn, "guidance_rescale", guidance_rescale)
         if not 0.0 <= self.rescale <= 1.0:
@@ -415,7 +419,7 @@ def _diffusion_step(
     prev_x0: Optional[Tensor], noise: Optional[Tensor], coeffs: Tensor, seed: Optional[Tensor], want_prev: bool,
 ) -> tuple[Tensor, Tensor]:
     x = _as_kernel_input(sample)
-    inputs = [None if t is None else _as_kernel_input(t).to(x.dtype) for t in (model, model_cond, variance, prev_x0, noise)]
+    inputs = [None if t is None else _as_kernel_input(t, x.dtype) for t in (model, model_cond, variance, prev_x0, noise)]
     x0 = torch.empty_like(x)
     prev = torch.empty_like(x) if want_prev else x.new_empty(0)
     batch = x.shape[0]
@@ -426,7 +430,9 @@ def _diffusion_step(
         ptr[2], variance_input, ptr[3], ptr[4], coeffs.data_ptr(), batch, x.numel() // max(batch, 1),
         DTYPE_CODES[x.dtype], 0 if seed is None else seed.data_ptr(),
     )
-    return prev.to(sample.dtype), x0.to(sample.dtype)
+    if x.dtype != sample.dtype:  # computed in float32 for 16-bit storage
+        prev, x0 = prev.to(sample.dtype), x0.to(sample.dtype)
+    return prev, x0
 
 
 @_diffusion_step.register_fake
@@ -467,7 +473,8 @@ def _step(fn: str, plan: _Plan, model_output: Union[Tensor, Sequence[Tensor]], t
     coeffs = coeffs_of(schedule, t, inputs)
     if inputs.cond is not None:
         coeffs[:, _S["guide_w"]] = inputs.w
-        coeffs[:, _S["guide_scale"]] = inputs.guide_scale()
+        if inputs.rescale != 0.0:  # without rescale the rows' scale of 1 stands
+            coeffs[:, _S["guide_scale"]] = inputs.guide_scale()
     return _run_step(inputs, coeffs, thresholding=plan.limits[1], draw_noise=plan.draw_noise, generator=generator,
                      variance_input=learned)
 

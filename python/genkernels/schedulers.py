@@ -195,7 +195,10 @@ def _arguments(scope: dict[str, Any]) -> dict[str, Any]:
 
 def _flat(timesteps: Timesteps, like: Tensor) -> Timesteps:
     if isinstance(timesteps, Tensor):
-        return timesteps.to(like.device).reshape(-1)
+        # The usual (B,) timestep on the sample's device as it is: even a no-op .to() or reshape costs.
+        if timesteps.device != like.device:
+            timesteps = timesteps.to(like.device)
+        return timesteps if timesteps.dim() == 1 else timesteps.reshape(-1)
     return timesteps
 
 
@@ -509,7 +512,7 @@ class DPMSolverMultistepScheduler(_Scheduler):
         """Whether the step to the final sigma is first order: asked for, or (``lower_order_final``)
         in a chain of fewer than 15 steps, as diffusers decides it."""
         c = self.config
-        return bool(c.euler_at_final or (c.lower_order_final and len(self.timesteps) < 15))
+        return bool(c.euler_at_final or (c.lower_order_final and self.timesteps.shape[0] < 15))  # len() is slow on a tensor
 
     def previous_x0(self) -> Optional[Tensor]:
         """The previous step's x0 prediction when the next step is second order, else None; it was
