@@ -387,6 +387,10 @@ def test_step_argument_errors():
         ddim_step(torch.randn(2, 4), 1, 0, x, s)
     with pytest.raises(ValueError, match="twice the sample's channels"):
         ddpm_step(x, 1, x, s, variance_type="learned")
+    learned = torch.randn(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+    short = learned[:, : x.shape[1] + 1]  # eps and one channel of variance: must not be read past
+    with pytest.raises(ValueError, match="'model_output\\[1\\]' must have the shape of 'model_output'"):
+        ddpm_step((learned, short), 1, x, s, variance_type="learned", guidance_scale=2.0)
     with pytest.raises(ValueError, match="'eta' must be >= 0"):
         ddim_step(x, 1, 0, x, s, eta=-1.0)
     with pytest.raises(TypeError, match="same dtype"):

@@ -383,6 +383,8 @@ class _StepInputs:
             # diffusers' convention: the model predicts [eps | variance] along the channels; with
             # guidance the variance comes from the conditional output.
             channels = sample.shape[1]
+            if cond is not None and cond.shape != uncond.shape:  # the variance is read from cond: it must be whole
+                raise ValueError(f"{fn}(): argument 'model_output[1]' must have the shape of 'model_output' {tuple(uncond.shape)}, got {tuple(cond.shape)}")
             self.variance = (uncond if cond is None else cond)[:, channels:]
             for name in ("model_output", "model_output[1]"):
                 if name in args:
