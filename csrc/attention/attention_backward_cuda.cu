@@ -236,25 +236,6 @@ __launch_bounds__(TcBackwardShape<D>::kThreads) __global__
 
   const T* const q = static_cast<const T*>(p.q);
   const T* const dout = static_cast<const T*>(bp.dout);
-  const T* const k = static_cast<const T*>(p.k) + blk.b * p.k_stride[0] + blk.hkv * p.k_stride[1];
-  const T* const v = static_cast<const T*>(p.v) + blk.b * p.v_stride[0] + blk.hkv * p.v_stride[1];
-  const int64_t n_tiles = ceil_div(blk.key_end - blk.key_begin, kN);
-  auto stage_kv = [&](int64_t tile, int buf) {
-    const int64_t n0 = blk.key_begin + tile * kN, n = blk.key_end - n0;
-    stage_tile<D, true>(sK + buf * kN * kLd, kLd, kN, n, p.dim_qk, qk_cols, plan.vec_k,
-                        [&](int r) { return k + (n0 + r) * p.k_stride[2]; });
-    stage_tile<D, true>(sV + buf * kN * kLd, kLd, kN, n, p.dim_v, v_cols, plan.vec_v,
-                        [&](int r) { return v + (n0 + r) * p.v_stride[2]; });
-  };
-  if (n_tiles > 0) {
-    stage_tile<D, true>(sQ, kLd, kM, blk.nrows, p.dim_qk, qk_cols, plan.vec_q,
-                        [&](int r) { return q + row_of(p, plan, blk, r).q; });
-    stage_tile<D, true>(sdO, kLd, kM, blk.nrows, p.dim_v, v_cols, sh.vec_dout,
-                        [&](int r) { return dout + dout_offset(bp, row_of(p, plan, blk, r).index); });
-    stage_kv(0, 0);
-  }
-  cp_async_commit();
-
   // This lane's two rows: quad_row and quad_row + 8 of the warp's 16.
   const int r0 = 16 * warp + quad_row;
   const Row rows[2] = {row_of(p, plan, blk, r0), row_of(p, plan, blk, r0 + 8)};
@@ -265,16 +246,13 @@ __launch_bounds__(TcBackwardShape<D>::kThreads) __global__
   const float keep_scale = float(sh.keep_scale);
   float dq[D / 8][4] = {};
 
-  for (int64_t tile = 0; tile < n_tiles; ++tile) {
-    const int buf = int(tile % 2);
-    if (tile + 1 < n_tiles) stage_kv(tile + 1, buf ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();  // this thread's copies of `tile` have landed...
-    __syncthreads();     // ...and every thread's
-    const T* const tK = sK + buf * kN * kLd;
-    const T* const tV = sV + buf * kN * kLd;
-    const int64_t n0 = blk.key_begin + tile * kN;
-
+  auto stage_rows = [&] {
+    stage_tile<D, true>(sQ, kLd, kM, blk.nrows, p.dim_qk, qk_cols, plan.vec_q,
+                        [&](int r) { return q + row_of(p, plan, blk, r).q; });
+    stage_tile<D, true>(sdO, kLd, kM, blk.nrows, p.dim_v, v_cols, sh.vec_dout,
+                        [&](int r) { return dout + dout_offset(bp, row_of(p, plan, blk, r).index); });
+  };
+  for_each_key_tile<D, kN, kLd>(p, plan, blk, sK, sV, stage_rows, [&](const T* tK, const T* tV, int64_t n0) {
     float s[kN / 8][4] = {}, dp[kN / 8][4] = {};
     warp_mma_abt<T, kN, D / 16, kLd>(s, sQ + 16 * warp * kLd, tK, qk_cols / 16, lane);
     warp_mma_abt<T, kN, D / 16, kLd>(dp, sdO + 16 * warp * kLd, tV, v_cols / 16, lane);
@@ -297,8 +275,7 @@ __launch_bounds__(TcBackwardShape<D>::kThreads) __global__
       }
     }
     warp_mma_pb<T, kN, D, kLd>(dq, s, tK, qk_cols, lane);  // dQ += dS K
-    __syncthreads();  // every warp is done with `buf` before the next iteration refills it
-  }
+  });
 
   GK_UNROLL
   for (int h = 0; h < 2; ++h) {

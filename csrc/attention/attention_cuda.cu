@@ -98,23 +98,6 @@ __launch_bounds__(TcShape<D>::kThreads) __global__ void attention_tc_kernel(cons
   const int v_cols = int(pad_to(p.dim_v, 16));       // V columns that P V multiplies
 
   const T* const q = static_cast<const T*>(p.q);
-  const T* const k = static_cast<const T*>(p.k) + blk.b * p.k_stride[0] + blk.hkv * p.k_stride[1];
-  const T* const v = static_cast<const T*>(p.v) + blk.b * p.v_stride[0] + blk.hkv * p.v_stride[1];
-  const int64_t n_tiles = ceil_div(blk.key_end - blk.key_begin, kN);
-  auto stage_kv = [&](int64_t tile, int buf) {
-    const int64_t n0 = blk.key_begin + tile * kN, n = blk.key_end - n0;
-    stage_tile<D, true>(sK + buf * kN * kLd, kLd, kN, n, p.dim_qk, pad_to(p.dim_qk, 16), plan.vec_k,
-                        [&](int r) { return k + (n0 + r) * p.k_stride[2]; });
-    stage_tile<D, true>(sV + buf * kN * kLd, kLd, kN, n, p.dim_v, v_cols, plan.vec_v,
-                        [&](int r) { return v + (n0 + r) * p.v_stride[2]; });
-  };
-  if (n_tiles > 0) {
-    stage_tile<D, true>(sQ, kLd, kM, blk.nrows, p.dim_qk, pad_to(p.dim_qk, 16), plan.vec_q,
-                        [&](int r) { return q + row_of(p, plan, blk, r).q; });
-    stage_kv(0, 0);
-  }
-  cp_async_commit();
-
   // This lane's two rows: quad_row and quad_row + 8 of the warp's 16.
   const Row rows[2] = {row_of(p, plan, blk, 16 * warp + quad_row), row_of(p, plan, blk, 16 * warp + quad_row + 8)};
   float m[2] = {neg_inf<float>(), neg_inf<float>()}, l[2] = {0.0f, 0.0f};
@@ -122,16 +105,11 @@ __launch_bounds__(TcShape<D>::kThreads) __global__ void attention_tc_kernel(cons
   const float keep_scale = float(dropout_scale(p.dropout_p));
   float o[D / 8][4] = {};
 
-  for (int64_t tile = 0; tile < n_tiles; ++tile) {
-    const int buf = int(tile % 2);
-    if (tile + 1 < n_tiles) stage_kv(tile + 1, buf ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();  // this thread's copies of `tile` have landed...
-    __syncthreads();     // ...and every thread's
-    const T* const tK = sK + buf * kN * kLd;
-    const T* const tV = sV + buf * kN * kLd;
-    const int64_t n0 = blk.key_begin + tile * kN;
-
+  auto stage_q = [&] {
+    stage_tile<D, true>(sQ, kLd, kM, blk.nrows, p.dim_qk, pad_to(p.dim_qk, 16), plan.vec_q,
+                        [&](int r) { return q + row_of(p, plan, blk, r).q; });
+  };
+  for_each_key_tile<D, kN, kLd>(p, plan, blk, sK, sV, stage_q, [&](const T* tK, const T* tV, int64_t n0) {
     // S = Q K^T for the warp's 16 rows: s[nt] is the 16 x 8 block of keys 8 nt .. 8 nt + 7.
     float s[kN / 8][4] = {};
     warp_mma_abt<T, kN, D / 16, kLd>(s, sQ + 16 * warp * kLd, tK, qk_steps, lane);
@@ -184,8 +162,7 @@ __launch_bounds__(TcShape<D>::kThreads) __global__ void attention_tc_kernel(cons
     }
 
     warp_mma_pb<T, kN, D, kLd>(o, s, tV, v_cols, lane);  // O += P V
-    __syncthreads();  // every warp is done with `buf` before the next iteration refills it
-  }
+  });
 
   GK_UNROLL
   for (int h = 0; h < 2; ++h) {

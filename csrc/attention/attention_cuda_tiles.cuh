@@ -275,6 +275,40 @@ __device__ __forceinline__ void warp_mma_pb(float (&o)[kMaxCols / 8][4], const f
   }
 }
 
+// Walks the key tiles of a block of query rows (the tensor-core kernels): kN keys a tile, K and
+// V staged by cp.async into halves sK, sV ([2][kN][kLd]) of a double buffer, the next tile in
+// flight while the block works on one. stage_rows() stages the block's own tiles (Q, and dO in
+// the backward) with the first; tile(tK, tV, n0) runs for each tile, n0 its first key, once
+// every thread's copies of it have landed and before any thread refills its half.
+template <int D, int kN, int kLd, class T, class StageRows, class Tile>
+__device__ __forceinline__ void for_each_key_tile(const AttentionParams& p, const Plan& plan, const Block& blk, T* sK,
+                                                  T* sV, StageRows&& stage_rows, Tile&& tile) {
+  const T* const k = static_cast<const T*>(p.k) + blk.b * p.k_stride[0] + blk.hkv * p.k_stride[1];
+  const T* const v = static_cast<const T*>(p.v) + blk.b * p.v_stride[0] + blk.hkv * p.v_stride[1];
+  const int64_t n_tiles = ceil_div(blk.key_end - blk.key_begin, kN);
+  auto stage_kv = [&](int64_t t, int buf) {
+    const int64_t n0 = blk.key_begin + t * kN, n = blk.key_end - n0;
+    stage_tile<D, true>(sK + buf * kN * kLd, kLd, kN, n, p.dim_qk, pad_to(p.dim_qk, 16), plan.vec_k,
+                        [&](int r) { return k + (n0 + r) * p.k_stride[2]; });
+    stage_tile<D, true>(sV + buf * kN * kLd, kLd, kN, n, p.dim_v, pad_to(p.dim_v, 16), plan.vec_v,
+                        [&](int r) { return v + (n0 + r) * p.v_stride[2]; });
+  };
+  if (n_tiles > 0) {
+    stage_rows();
+    stage_kv(0, 0);
+  }
+  cp_async_commit();
+  for (int64_t t = 0; t < n_tiles; ++t) {
+    const int buf = int(t % 2);
+    if (t + 1 < n_tiles) stage_kv(t + 1, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();  // this thread's copies of tile t have landed...
+    __syncthreads();     // ...and every thread's
+    tile(static_cast<const T*>(sK + buf * kN * kLd), static_cast<const T*>(sV + buf * kN * kLd), blk.key_begin + t * kN);
+    __syncthreads();  // every warp is done with `buf` before the next iteration refills it
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
