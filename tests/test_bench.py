@@ -119,7 +119,10 @@ def test_case_computes_what_its_reference_does(case):
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
     assert torch.isfinite(ours).all()
     if case.exact:
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+        # 16-bit cases: a few units in the last place of the largest value (rounding differs).
+        low = ours.dtype in (torch.float16, torch.bfloat16)
+        atol = 4 * torch.finfo(ours.dtype).eps * theirs.abs().max().item() if low else 1e-4
+        torch.testing.assert_close(ours, theirs, rtol=0.0 if low else 1e-4, atol=atol)
 
 
 @pytest.mark.parametrize("case", bench.CASES, ids=lambda c: c.name)

@@ -150,26 +150,30 @@ def _sequences(device: torch.device, b: int, l: int, d: int) -> tuple[Tensor]:
     return (torch.randn(b, l, d, generator=_generator(device), device=device),)
 
 
-def _qkv(device: torch.device, b: int, h: int, l: int, s: int, e: int) -> tuple[Tensor, Tensor, Tensor]:
+def _qkv(device: torch.device, b: int, h: int, l: int, s: int, e: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
     g = _generator(device)
-    return tuple(torch.randn(b, h, n, e, generator=g, device=device) for n in (l, s, s))
+    return tuple(torch.randn(b, h, n, e, generator=g, device=device).to(dtype) for n in (l, s, s))
 
 
-def _attention_case(name: str, causal: bool, full: Sizes, quick: Sizes, target: Target) -> Case:
-    """Attention of (b, h, l, e) queries over (b, h, s, e) keys and values, beside PyTorch's
-    scaled_dot_product_attention. Flops: 2 matrix products of 2 l s e each (half when causal)."""
+def _attention_case(name: str, causal: bool, full: Sizes, quick: Sizes, target: Target = Target(),
+                    dtype: torch.dtype = torch.float32) -> Case:
+    """Attention of (b, h, l, e) queries over (b, h, s, e) keys and values in ``dtype``, beside
+    PyTorch's scaled_dot_product_attention (on a GPU, 16-bit inputs select its flash backend).
+    Flops: 2 matrix products of 2 l s e each (half when causal)."""
+    size = dtype.itemsize
     return Case(
         name=name,
-        shape="B{b} H{h} L{l} S{s} E{e}",
-        inputs=_qkv,
+        shape="B{b} H{h} L{l} S{s} E{e}" + ("" if dtype == torch.float32 else f" {str(dtype)[6:]}"),
+        inputs=lambda device, **shape: _qkv(device, **shape, dtype=dtype),
         genkernels=lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=causal),
         reference=lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal),
-        bytes_moved=lambda b, h, l, s, e: F32 * b * h * (2 * l * e + 2 * s * e),
+        bytes_moved=lambda b, h, l, s, e: size * b * h * (2 * l * e + 2 * s * e),
         flops=lambda b, h, l, s, e: 4.0 * b * h * l * s * e * (0.5 if causal else 1.0),
         full=full,
         quick=quick,
         tiny=dict(b=1, h=1, l=4, s=4, e=4),
         target=target,
+        compile=dtype == torch.float32,
     )
 
 
@@ -303,9 +307,9 @@ def _diffusion_case(name: str, kind: str, target: Target) -> Case:
     )
 
 
-def _qkv_dout(device: torch.device, b: int, h: int, l: int, s: int, e: int) -> tuple[Tensor, ...]:
-    q, k, v = (t.requires_grad_() for t in _qkv(device, b, h, l, s, e))
-    return q, k, v, torch.randn(b, h, l, e, generator=_generator(device), device=device)
+def _qkv_dout(device: torch.device, b: int, h: int, l: int, s: int, e: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, ...]:
+    q, k, v = (t.requires_grad_() for t in _qkv(device, b, h, l, s, e, dtype))
+    return q, k, v, torch.randn(b, h, l, e, generator=_generator(device), device=device).to(dtype)
 
 
 def _training_step(attention: Callable[..., Tensor], causal: bool) -> Callable[..., Tensor]:
@@ -318,26 +322,31 @@ def _training_step(attention: Callable[..., Tensor], causal: bool) -> Callable[.
     return step
 
 
-def _attention_training_case(name: str, causal: bool, full: Sizes, quick: Sizes, target: Target) -> Case:
-    """Attention forward plus backward (gradients of q, k and v), beside PyTorch's
+def _attention_training_case(name: str, causal: bool, full: Sizes, quick: Sizes, target: Target = Target(),
+                             dtype: torch.dtype = torch.float32) -> Case:
+    """Attention forward plus backward (gradients of q, k and v) in ``dtype``, beside PyTorch's
     scaled_dot_product_attention and its backward. Flops: the forward's 2 matrix products and
     the backward's 5 (recomputed scores, dP, dV, dK, dQ), 2 l s e each (half when causal)."""
+    size = dtype.itemsize
     return Case(
         name=name,
-        shape="B{b} H{h} L{l} S{s} E{e}",
-        inputs=_qkv_dout,
+        shape="B{b} H{h} L{l} S{s} E{e}" + ("" if dtype == torch.float32 else f" {str(dtype)[6:]}"),
+        inputs=lambda device, **shape: _qkv_dout(device, **shape, dtype=dtype),
         genkernels=_training_step(scaled_dot_product_attention, causal),
         reference=_training_step(torch.nn.functional.scaled_dot_product_attention, causal),
         # Forward: q, k, v read, out written (2l + 2s rows); backward: q, k, v, out, dout read and
         # dq, dk, dv written (4l + 4s rows).
-        bytes_moved=lambda b, h, l, s, e: F32 * b * h * e * (6 * l + 6 * s),
+        bytes_moved=lambda b, h, l, s, e: size * b * h * e * (6 * l + 6 * s),
         flops=lambda b, h, l, s, e: 14.0 * b * h * l * s * e * (0.5 if causal else 1.0),
         full=full,
         quick=quick,
         tiny=dict(b=1, h=1, l=4, s=4, e=4),
         target=target,
+        compile=dtype == torch.float32,
     )
 
+
+BF16_FULL, BF16_QUICK = dict(b=4, h=16, l=2048, s=2048, e=128), dict(b=1, h=2, l=128, s=128, e=64)
 
 CASES: list[Case] = [
     Case(
@@ -449,6 +458,11 @@ CASES: list[Case] = [
     _attention_case("attention_decode", False, dict(b=8, h=12, l=1, s=2048, e=64), dict(b=2, h=2, l=1, s=256, e=64), Target(speedup=3.0, bandwidth=0.6)),
     _attention_training_case("attention_train", False, dict(b=4, h=12, l=1024, s=1024, e=64), dict(b=1, h=2, l=128, s=128, e=64), Target(speedup=1.0)),
     _attention_training_case("attention_train_causal", True, dict(b=4, h=12, l=1024, s=1024, e=64), dict(b=1, h=2, l=128, s=128, e=64), Target(speedup=1.6)),
+    # bfloat16 at a GPU-sized shape: tensor cores on CUDA, beside PyTorch's flash backend there.
+    _attention_case("attention_bf16", False, BF16_FULL, BF16_QUICK, dtype=torch.bfloat16),
+    _attention_case("attention_causal_bf16", True, BF16_FULL, BF16_QUICK, dtype=torch.bfloat16),
+    _attention_training_case("attention_train_bf16", False, BF16_FULL, BF16_QUICK, dtype=torch.bfloat16),
+    _attention_training_case("attention_train_causal_bf16", True, BF16_FULL, BF16_QUICK, dtype=torch.bfloat16),
 ]
 """The op benchmarks, in the order they are run and printed."""
 
