@@ -268,7 +268,7 @@ __launch_bounds__(TcBackwardShape<D>::kThreads) __global__
         const int h = e / 2;
         const int64_t j = n0 + 8 * nt + quad_col + e % 2;
         const float x = full ? s[nt][e] * scale : masked_score<T, float>(p, blk, rows[h], j, s[nt][e], scale);
-        const float z = p.seed == nullptr ? 1.0f : ((kept >> (4 * nt + e)) & 1u ? keep_scale : 0.0f);
+        const float z = p.seed == nullptr ? 1.0f : kept_factor(kept, 4 * nt + e, keep_scale);
         const float prob = exp_minus(x, lse[h]);
         s[nt][e] = prob * (z * dp[nt][e] - dsum[h]);
         if (bp.dbias != nullptr && j < blk.key_end && r0 + 8 * h < blk.nrows) bp.dbias[rows[h].index * p.len_kv + j] = s[nt][e];
@@ -280,14 +280,7 @@ __launch_bounds__(TcBackwardShape<D>::kThreads) __global__
   GK_UNROLL
   for (int h = 0; h < 2; ++h) {
     if (r0 + 8 * h >= blk.nrows) continue;
-    T* const out = static_cast<T*>(bp.dq) + rows[h].index * p.dim_qk;
-    GK_UNROLL
-    for (int nd = 0; nd < D / 8; ++nd) {
-      for (int e = 0; e < 2; ++e) {
-        const int col = 8 * nd + quad_col + e;
-        if (col < p.dim_qk) out[col] = static_cast<T>(dq[nd][2 * h + e] * scale);
-      }
-    }
+    store_accumulator_row<T, D>(static_cast<T*>(bp.dq) + rows[h].index * p.dim_qk, dq, h, quad_col, p.dim_qk, scale);
   }
 }
 
@@ -384,7 +377,7 @@ __launch_bounds__(TcBackwardShape<D>::kThreads) __global__
           const Row row{i, 0, 0, b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2]};
           x = col < m ? masked_score<T, float>(p, blk, row, j, s[nt][e], scale) : neg_inf<float>();
         }
-        const float z = p.seed == nullptr ? 1.0f : ((kept >> (4 * nt + e)) & 1u ? keep_scale : 0.0f);
+        const float z = p.seed == nullptr ? 1.0f : kept_factor(kept, 4 * nt + e, keep_scale);
         const float prob = exp_minus(x, tLse[col]);
         s[nt][e] = z * prob;                           // Pd^T
         dp[nt][e] = prob * (z * dp[nt][e] - tD[col]);  // dS^T
@@ -400,16 +393,8 @@ __launch_bounds__(TcBackwardShape<D>::kThreads) __global__
     const int64_t j = key0 + 8 * h;
     if (j >= p.len_kv) continue;
     const int64_t key = (b * p.heads_kv + hk) * p.len_kv + j;
-    T* const dk_row = static_cast<T*>(bp.dk) + key * p.dim_qk;
-    T* const dv_row = static_cast<T*>(bp.dv) + key * p.dim_v;
-    GK_UNROLL
-    for (int nd = 0; nd < D / 8; ++nd) {
-      for (int e = 0; e < 2; ++e) {
-        const int col = 8 * nd + quad_col + e;
-        if (col < p.dim_qk) dk_row[col] = static_cast<T>(dk[nd][2 * h + e] * scale);
-        if (col < p.dim_v) dv_row[col] = static_cast<T>(dv[nd][2 * h + e]);
-      }
-    }
+    store_accumulator_row<T, D>(static_cast<T*>(bp.dk) + key * p.dim_qk, dk, h, quad_col, p.dim_qk, scale);
+    store_accumulator_row<T, D>(static_cast<T*>(bp.dv) + key * p.dim_v, dv, h, quad_col, p.dim_v, 1.0f);
   }
 }
 

@@ -157,7 +157,7 @@ __launch_bounds__(TcShape<D>::kThreads) __global__ void attention_tc_kernel(cons
       GK_UNROLL
       for (int nt = 0; nt < kN / 8; ++nt) {
         GK_UNROLL
-        for (int e = 0; e < 4; ++e) s[nt][e] = (kept >> (4 * nt + e)) & 1u ? s[nt][e] * keep_scale : 0.0f;
+        for (int e = 0; e < 4; ++e) s[nt][e] *= kept_factor(kept, 4 * nt + e, keep_scale);
       }
     }
 
@@ -171,14 +171,7 @@ __launch_bounds__(TcShape<D>::kThreads) __global__ void attention_tc_kernel(cons
     if (16 * warp + quad_row + 8 * h >= blk.nrows) continue;
     const int64_t index = row_of(p, plan, blk, 16 * warp + quad_row + 8 * h).index;
     const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
-    T* const out = static_cast<T*>(p.out) + index * p.dim_v;
-    GK_UNROLL
-    for (int nd = 0; nd < D / 8; ++nd) {
-      for (int e = 0; e < 2; ++e) {
-        const int col = 8 * nd + quad_col + e;
-        if (col < p.dim_v) out[col] = static_cast<T>(o[nd][2 * h + e] * inv);
-      }
-    }
+    store_accumulator_row<T, D>(static_cast<T*>(p.out) + index * p.dim_v, o, h, quad_col, p.dim_v, inv);
     if (p.lse != nullptr && quad_col == 0)
       p.lse[index] = l[h] > 0.0f ? m[h] + log_(l[h]) : 0.0f;
   }

@@ -226,6 +226,25 @@ __device__ __forceinline__ uint32_t keep_bits(const DropoutStream& drop, Element
   return kept;
 }
 
+// The dropout factor of accumulator element `bit` under keep_bits' mask: keep_scale or 0.
+__device__ __forceinline__ float kept_factor(uint32_t kept, int bit, float keep_scale) {
+  return (kept >> bit) & 1u ? keep_scale : 0.0f;
+}
+
+// Stores the lane's half h (accumulator row quad_row + 8 h) of a 16 x D accumulator `acc`,
+// times factor, into out[0, dim) as T.
+template <class T, int D>
+__device__ __forceinline__ void store_accumulator_row(T* out, const float (&acc)[D / 8][4], int h, int quad_col,
+                                                      int64_t dim, float factor) {
+  GK_UNROLL
+  for (int nd = 0; nd < D / 8; ++nd) {
+    for (int e = 0; e < 2; ++e) {
+      const int col = 8 * nd + quad_col + e;
+      if (col < dim) out[col] = static_cast<T>(acc[nd][2 * h + e] * factor);
+    }
+  }
+}
+
 // S (16 x kCols) += A B^T for one warp, from shared memory by ldmatrix: A the warp's 16 rows at
 // `a`, B the kCols rows at `b` (both of row stride kLd), over their first 16 * steps columns.
 // Element e of s[nt] is row quad_row + 8 (e / 2), column 8 nt + quad_col + e % 2 of S, where
