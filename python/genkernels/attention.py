@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import _backend, _checks
+from . import _backend, _checks, reference
 from ._backend import _C, DTYPE_CODES, custom_op, launch_for
 from ._rng import draw_seed
 
@@ -77,13 +77,11 @@ def _seed_ptr(seed: Optional[Tensor]) -> int:
 
 def _attention_without_features(q, k, v, mask, kv_lens, scale, window_left, window_right, bottom_right, dropout_p, seed):
     """The reference definition, for the degenerate sizes E = 0 or Ev = 0."""
-    from .reference import attention_dropout_mask, scaled_dot_product_attention as attention
-
     heads_q, heads_kv = q.shape[1], k.shape[1]
     keep = None
     if seed is not None:
-        keep = attention_dropout_mask(seed, (q.shape[0], heads_q, q.shape[2], k.shape[2]), dropout_p).to(q.device)
-    out, lse = attention(
+        keep = reference.attention_dropout_mask(seed, (q.shape[0], heads_q, q.shape[2], k.shape[2]), dropout_p).to(q.device)
+    out, lse = reference.scaled_dot_product_attention(
         q.float(), k.float(), v.float(), attn_mask=mask, scale=scale, enable_gqa=heads_q != heads_kv,
         causal_alignment="bottom_right" if bottom_right else "top_left", window=(window_left, window_right), kv_lens=kv_lens,
         dropout_mask=keep, dropout_p=dropout_p,
@@ -151,10 +149,8 @@ def _backward_without_features(dout, dlse, q, k, v, mask, scale, window_left, wi
     weights = weights.float()  # P (B, Hq, L, S)
     keep = torch.ones_like(weights)
     if seed is not None:
-        from .reference import attention_dropout_mask
-
         factor = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
-        keep = attention_dropout_mask(seed, tuple(weights.shape), dropout_p).to(q.device) * factor
+        keep = reference.attention_dropout_mask(seed, tuple(weights.shape), dropout_p).to(q.device) * factor
     values = v.float().repeat_interleave(group, 1)
     dout = dout.float()
     d_weights = (dout @ values.mT) * keep
@@ -348,15 +344,13 @@ def attention_dropout_mask(
     dropout_p = _checks.real(fn, "dropout_p", dropout_p)
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"{fn}(): argument 'dropout_p' must be in [0, 1], got {dropout_p}")
-    from .reference import attention_dropout_mask as reference_mask
-
     lead_q = query.shape[:-3] if query.dim() >= 3 else torch.Size()
     lead_k = key.shape[:-3] if key.dim() >= 3 else torch.Size()
     lead = torch.broadcast_shapes(lead_q, lead_k)
     heads_q = query.shape[-3] if query.dim() >= 3 else 1
     seed = draw_seed(_checks.generator(fn, generator), query.device)
     shape = (math.prod(lead), heads_q, query.shape[-2], key.shape[-2])
-    mask = reference_mask(seed, shape, dropout_p)
+    mask = reference.attention_dropout_mask(seed, shape, dropout_p)
     return mask.reshape(lead + query.shape[len(lead):-1] + (key.shape[-2],)).to(query.device)
 
 
@@ -473,9 +467,7 @@ def _attention_kvcache(
         lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
         if lo < 0 or hi + appended > capacity:
             raise ValueError(f"attention_with_kvcache(): cache_seqlens + new tokens must lie in [0, {capacity}], got lengths from {lo} to {hi} with {appended} new")
-    from .reference import kvcache_append
-
-    kv_lens = (kvcache_append(key_cache, value_cache, cache_seqlens, key, value) if appended else cache_seqlens).to(torch.int32).contiguous()
+    kv_lens = (reference.kvcache_append(key_cache, value_cache, cache_seqlens, key, value) if appended else cache_seqlens).to(torch.int32).contiguous()
     out, _ = _attention_forward.impl(query, key_cache, value_cache, None, kv_lens, scale, -1, 0 if causal else -1, True, 0.0, None)
     return out
 

@@ -155,6 +155,11 @@ def _qkv(device: torch.device, b: int, h: int, l: int, s: int, e: int, dtype: to
     return tuple(torch.randn(b, h, n, e, generator=g, device=device).to(dtype) for n in (l, s, s))
 
 
+def _attention_shape(dtype: torch.dtype) -> str:
+    """An attention case's shape format, naming its dtype unless float32."""
+    return "B{b} H{h} L{l} S{s} E{e}" + ("" if dtype == torch.float32 else f" {str(dtype).replace('torch.', '')}")
+
+
 def _attention_case(name: str, causal: bool, full: Sizes, quick: Sizes, target: Target = Target(),
                     dtype: torch.dtype = torch.float32) -> Case:
     """Attention of (b, h, l, e) queries over (b, h, s, e) keys and values in ``dtype``, beside
@@ -163,7 +168,7 @@ def _attention_case(name: str, causal: bool, full: Sizes, quick: Sizes, target: 
     size = dtype.itemsize
     return Case(
         name=name,
-        shape="B{b} H{h} L{l} S{s} E{e}" + ("" if dtype == torch.float32 else f" {str(dtype)[6:]}"),
+        shape=_attention_shape(dtype),
         inputs=lambda device, **shape: _qkv(device, **shape, dtype=dtype),
         genkernels=lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=causal),
         reference=lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal),
@@ -330,7 +335,7 @@ def _attention_training_case(name: str, causal: bool, full: Sizes, quick: Sizes,
     size = dtype.itemsize
     return Case(
         name=name,
-        shape="B{b} H{h} L{l} S{s} E{e}" + ("" if dtype == torch.float32 else f" {str(dtype)[6:]}"),
+        shape=_attention_shape(dtype),
         inputs=lambda device, **shape: _qkv_dout(device, **shape, dtype=dtype),
         genkernels=_training_step(scaled_dot_product_attention, causal),
         reference=_training_step(torch.nn.functional.scaled_dot_product_attention, causal),

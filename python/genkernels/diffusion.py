@@ -405,9 +405,8 @@ class _StepInputs:
         self.prev_x0 = prev_x0
 
     def guide_scale(self) -> Tensor:
-        """The per-sample rescale of the guided output (Lin et al. 2023, eq. 15-16), 1 without it."""
-        if self.cond is None or self.rescale == 0.0:
-            return torch.ones(self.batch, dtype=torch.float64, device=self.device)
+        """The per-sample rescale of the guided output (Lin et al. 2023, eq. 15-16), for a guided
+        step with guidance_rescale > 0."""
         dims = list(range(1, self.sample.dim()))
         uncond, cond = self.model.double(), self.cond.double()
         cfg = uncond + self.w * (cond - uncond)
@@ -475,7 +474,7 @@ def _step(fn: str, plan: _Plan, model_output: Union[Tensor, Sequence[Tensor]], t
     coeffs = coeffs_of(schedule, t, inputs)
     if inputs.cond is not None:
         coeffs[:, _S["guide_w"]] = inputs.w
-        if inputs.rescale != 0.0:  # without rescale the rows' scale of 1 stands
+        if inputs.rescale != 0.0:  # without rescale the rows' guide scale of 1 stands
             coeffs[:, _S["guide_scale"]] = inputs.guide_scale()
     return _run_step(inputs, coeffs, thresholding=plan.limits[1], draw_noise=plan.draw_noise, generator=generator,
                      variance_input=learned)
