@@ -202,11 +202,63 @@ def test_bfloat16_within_twice_torch_error(len_q, mask_kind):
     assert out.dtype == torch.bfloat16
     assert relative_error(out, ref_out) <= 2 * relative_error(torch_out, ref_out)
     assert relative_error(lse, ref_lse) <= 1e-5  # float32 from bfloat16 inputs: no rounding of its own
-    # The bfloat16 kernel is the float32 one on the widened inputs, rounded once to nearest even.
-    mask32 = bias.float() if mask_kind == "bfloat16" else mask
-    out32, lse32 = kernel(q.float(), k.float(), v.float(), mask=mask32)
-    assert torch.equal(out, out32.bfloat16())
-    assert torch.equal(lse, lse32)
+    if not amx_prefill(len_q):
+        # The bfloat16 kernel is the float32 one on the widened inputs, rounded once to nearest even.
+        mask32 = bias.float() if mask_kind == "bfloat16" else mask
+        out32, lse32 = kernel(q.float(), k.float(), v.float(), mask=mask32)
+        assert torch.equal(out, out32.bfloat16())
+        assert torch.equal(lse, lse32)
+
+
+def amx_prefill(len_q):
+    """Whether bfloat16 attention with len_q queries runs on the AMX tiles here (prefill only),
+    where the weights are rounded to bfloat16 before P V, as in PyTorch's CPU kernel."""
+    return _C.cpu_isa() == "amx" and len_q > 4
+
+
+def check_bfloat16(q, k, v, **kwargs):
+    """bfloat16 out within twice the rounding of the exact result to bfloat16 (at least one unit
+    in the last place of its largest element), lse within 1e-5."""
+    out, lse = kernel(q, k, v, **kwargs)
+    ref_out, ref_lse = reference(q, k, v, **kwargs)
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out, ref_out) <= max(2 * relative_error(ref_out.bfloat16(), ref_out), 2.0**-8)
+    assert relative_error(lse, ref_lse) <= 1e-5
+
+
+AMX_CASES = {
+    "lengths": ((2, 2, 2, 65, 300, 64), {}),
+    "short": ((1, 2, 2, 5, 1, 64), {}),
+    "odd dims": ((1, 2, 2, 33, 97, 7, 33), {}),
+    "dim 1": ((1, 1, 1, 40, 17, 1), {}),
+    "dim 256": ((1, 1, 1, 40, 130, 256), {}),
+    "dims 64, 24": ((1, 2, 2, 70, 64, 64, 24), {}),
+    "groups": ((2, 6, 1, 100, 150, 32), {}),
+    "causal bottom-right": ((2, 2, 2, 70, 133, 40), dict(window=(-1, 0), bottom_right=True)),
+    "window": ((1, 2, 2, 200, 300, 64), dict(window=(20, 5))),
+    "key counts": ((2, 2, 2, 64, 90, 64), dict(kv_lens=torch.tensor([50, 0], dtype=torch.int32))),
+    "large scores": ((1, 2, 2, 70, 300, 64), dict(scale=1.0)),  # maxima that grow from tile to tile
+}
+
+
+@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles for bfloat16")
+@pytest.mark.parametrize("case", list(AMX_CASES))
+def test_bfloat16_on_amx_tiles(case):
+    shape, kwargs = AMX_CASES[case]
+    check_bfloat16(*qkv(*shape, dtype=torch.bfloat16), **kwargs)
+
+
+@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles for bfloat16")
+@pytest.mark.parametrize("kind", ["bool", "float32", "bfloat16"])
+def test_bfloat16_masks_and_strides_on_amx_tiles(kind):
+    """Broadcast masks of every kind (with fully masked rows), and queries, keys and values read
+    through strides, as a (B, L, H, E) layout transposed gives them."""
+    batch, heads, len_q, len_kv = 2, 3, 70, 140
+    q, k, v = (x.transpose(1, 2) for x in (torch.randn(batch, n, heads, 48, dtype=torch.bfloat16) for n in (len_q, len_kv, len_kv)))
+    keep = torch.rand(batch, 1, len_q, len_kv) < 0.7
+    keep[:, :, 5] = False
+    mask = keep if kind == "bool" else (torch.randn(keep.shape) * 3).masked_fill(~keep, -math.inf).to(getattr(torch, kind))
+    check_bfloat16(q, k, v, mask=mask)
 
 
 @pytest.mark.parametrize("len_q", [1, 2, 4])
@@ -243,17 +295,19 @@ def test_large_scores_do_not_overflow(len_q):
 
 
 def test_every_instruction_set():
-    """The baseline, AVX2 and AVX-512 builds each pass a prefill and a decode case."""
+    """The baseline, AVX2 and AVX-512 builds (and AVX-512 with AMX tiles) each pass a prefill and a
+    decode case."""
     script = (
         "import sys, torch; sys.path.insert(0, sys.argv[1]); import test_attention_cpu_kernel as t; "
         "from genkernels import _C; print(_C.cpu_isa()); "
         "torch.manual_seed(0); "
         "t.check(*t.qkv(2, 4, 2, 70, 133, 40, 24), mask=torch.rand(70, 133) < 0.8, window=(-1, 0), bottom_right=True); "
         "t.check(*t.qkv(1, 4, 2, 3, 1500, 72), kv_lens=torch.tensor([1200], dtype=torch.int32)); "
-        "t.check(*t.qkv(1, 2, 2, 65, 80, 19, dtype=torch.float64))"
+        "t.check(*t.qkv(1, 2, 2, 65, 80, 19, dtype=torch.float64)); "
+        "t.check_bfloat16(*t.qkv(2, 4, 2, 70, 133, 40, dtype=torch.bfloat16), window=(-1, 0))"
     )
     seen = set()
-    for isa in ("baseline", "avx2", "avx512"):
+    for isa in ("baseline", "avx2", "avx512", "amx"):
         env = dict(os.environ, GENKERNELS_CPU_ISA=isa)
         run = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], env=env, capture_output=True,
                              text=True)

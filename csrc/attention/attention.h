@@ -81,6 +81,12 @@ struct AttentionBackwardParams {
 GK_DECLARE_PER_ISA(void attention_forward(const AttentionParams&, const CpuExec&))
 void attention_forward(const AttentionParams&, const CpuExec&);
 void attention_forward(const AttentionParams&, const CudaExec&);
+#if defined(GK_HAVE_AMX)
+namespace avx512 {
+// The bfloat16 prefill on AMX tiles (attention_amx_cpu.cpp), for cpu_isa() == Isa::amx.
+void attention_forward_amx(const AttentionParams&, int threads);
+}  // namespace avx512
+#endif
 GK_DECLARE_PER_ISA(void attention_backward(const AttentionBackwardParams&, const CpuExec&))
 void attention_backward(const AttentionBackwardParams&, const CpuExec&);
 void attention_backward(const AttentionBackwardParams&, const CudaExec&);

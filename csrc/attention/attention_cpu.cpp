@@ -271,8 +271,13 @@ void decode(const Attention<T>& at, int threads) {
 template <class T>
 void run(const AttentionParams& p, const CpuExec& exec) {
   if (p.batch * p.heads_q * p.len_q == 0) return;
-  const Attention<T> at(p);
   const int threads = exec.threads > 1 ? exec.threads : 1;
+#if defined(__AVX512F__) && defined(GK_HAVE_AMX)
+  if constexpr (std::is_same_v<T, Bf16>) {
+    if (cpu_isa() == Isa::amx && p.len_q > kDecodeMaxLen) return attention_forward_amx(p, threads);
+  }
+#endif
+  const Attention<T> at(p);
   if (p.len_q <= kDecodeMaxLen)
     decode(at, threads);
   else

@@ -5,6 +5,8 @@
 // Included only by files compiled once per instruction set (common/cpu_isa.h); everything here
 // lives in an anonymous namespace inside gk::<isa>, so each file keeps its own copy and no
 // inline function or template is shared across instruction sets.
+// Its plain functions are inline only so that a file using some of them compiles without
+// unused-function warnings.
 #pragma once
 
 #include <math.h>
@@ -81,33 +83,33 @@ V vmax(V a, V b) {
 // one instruction (GCC compiles the select above with a constant operand to a compare and a blend).
 #if defined(__AVX512F__)
 GK_INTRINSICS_BEGIN
-Vec<float> vmax(Vec<float> a, Vec<float> b) {
+inline Vec<float> vmax(Vec<float> a, Vec<float> b) {
   return reinterpret_cast<Vec<float>>(_mm512_max_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b)));
 }
-Vec<double> vmax(Vec<double> a, Vec<double> b) {
+inline Vec<double> vmax(Vec<double> a, Vec<double> b) {
   return reinterpret_cast<Vec<double>>(_mm512_max_pd(reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b)));
 }
-Vec<float> fmadd(Vec<float> a, Vec<float> b, Vec<float> c) {
+inline Vec<float> fmadd(Vec<float> a, Vec<float> b, Vec<float> c) {
   return reinterpret_cast<Vec<float>>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b),
                                                       reinterpret_cast<__m512>(c)));
 }
-Vec<double> fmadd(Vec<double> a, Vec<double> b, Vec<double> c) {
+inline Vec<double> fmadd(Vec<double> a, Vec<double> b, Vec<double> c) {
   return reinterpret_cast<Vec<double>>(_mm512_fmadd_pd(reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b),
                                                        reinterpret_cast<__m512d>(c)));
 }
 GK_INTRINSICS_END
 #elif defined(__AVX2__)
-Vec<float> vmax(Vec<float> a, Vec<float> b) {
+inline Vec<float> vmax(Vec<float> a, Vec<float> b) {
   return reinterpret_cast<Vec<float>>(_mm256_max_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b)));
 }
-Vec<double> vmax(Vec<double> a, Vec<double> b) {
+inline Vec<double> vmax(Vec<double> a, Vec<double> b) {
   return reinterpret_cast<Vec<double>>(_mm256_max_pd(reinterpret_cast<__m256d>(a), reinterpret_cast<__m256d>(b)));
 }
-Vec<float> fmadd(Vec<float> a, Vec<float> b, Vec<float> c) {
+inline Vec<float> fmadd(Vec<float> a, Vec<float> b, Vec<float> c) {
   return reinterpret_cast<Vec<float>>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b),
                                                       reinterpret_cast<__m256>(c)));
 }
-Vec<double> fmadd(Vec<double> a, Vec<double> b, Vec<double> c) {
+inline Vec<double> fmadd(Vec<double> a, Vec<double> b, Vec<double> c) {
   return reinterpret_cast<Vec<double>>(_mm256_fmadd_pd(reinterpret_cast<__m256d>(a), reinterpret_cast<__m256d>(b),
                                                        reinterpret_cast<__m256d>(c)));
 }
@@ -188,10 +190,10 @@ A exp2s(A x) {
 template <class A>
 constexpr A kMinusInf = -__builtin_inf();
 
-int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return min64(max64(x, lo), hi); }
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return min64(max64(x, lo), hi); }
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // ---------------------------------------------------------------- storage types
 // q, k, v and out are float, double or bfloat16; the arithmetic is float, or double for double.
@@ -202,9 +204,9 @@ struct Bf16 {
 template <class T>
 using AccOf = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-float to_acc(float x) { return x; }
-double to_acc(double x) { return x; }
-float to_acc(Bf16 x) { return bits_float(static_cast<uint32_t>(x.bits) << 16); }
+inline float to_acc(float x) { return x; }
+inline double to_acc(double x) { return x; }
+inline float to_acc(Bf16 x) { return bits_float(static_cast<uint32_t>(x.bits) << 16); }
 
 // Natural logarithm of a positive normal number (the float one inlines, unlike a libm call).
 template <class A>
@@ -215,9 +217,9 @@ double log_of(A x) {
     return ::log(x);
 }
 
-void store_as(float* p, float x) { *p = x; }
-void store_as(double* p, double x) { *p = x; }
-void store_as(Bf16* p, float x) {
+inline void store_as(float* p, float x) { *p = x; }
+inline void store_as(double* p, double x) { *p = x; }
+inline void store_as(Bf16* p, float x) {
   const uint32_t u = float_bits(x);
   const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
   // Round to nearest even; a NaN stays a (quiet) NaN.
