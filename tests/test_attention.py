@@ -32,9 +32,10 @@ def low_precision_bound(q, k, v, dtype, **kwargs) -> float:
         q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask.to(dtype) if float_mask else mask, **kwargs
     )
     # PyTorch's CPU path rounds once, at the end; tensor-core kernels also round the softmax
-    # weights to 16 bits before P V, as flash attention does, so allow at least one unit in the
-    # last place of the largest output.
-    return max(2 * rel_error(theirs, exact), {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype])
+    # weights to 16 bits before P V, as flash attention does. That error scales with the values,
+    # not with the (smaller) averaged output: allow at least one unit in the last place of 1 in
+    # bfloat16 and two in float16 (1.3 units of 1 seen with random inputs).
+    return max(2 * rel_error(theirs, exact), {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-9}[dtype])
 
 
 def check(backend, q, k, v, dtypes=None, **kwargs) -> None:

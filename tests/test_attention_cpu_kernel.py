@@ -226,6 +226,28 @@ def check_bfloat16(q, k, v, **kwargs):
     assert relative_error(lse, ref_lse) <= 1e-5
 
 
+def check_bfloat16_gradients(q, k, v, **kwargs):
+    """Gradients of bfloat16 attention (through the public op) against the float64 reference:
+    within twice PyTorch's own bfloat16 error where PyTorch takes the arguments, and within two
+    units in the last place of the largest gradient in any case."""
+    import genkernels
+    from genkernels import reference as ops
+
+    dout = torch.randn(q.shape[:-1] + v.shape[-1:])
+    kwargs = dict(kwargs, enable_gqa=q.shape[1] != k.shape[1])
+    exact_in = [t.double().requires_grad_() for t in (q, k, v)]
+    exact = torch.autograd.grad(ops.scaled_dot_product_attention(*exact_in, **kwargs)[0], exact_in, dout.double())
+    inputs = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    ours = torch.autograd.grad(genkernels.scaled_dot_product_attention(*inputs, **kwargs), inputs, dout.bfloat16())
+    bounds = [2 * 2.0**-8] * 3
+    if not {"window", "causal_alignment"} & kwargs.keys():
+        inputs = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+        theirs = torch.autograd.grad(F.scaled_dot_product_attention(*inputs, **kwargs), inputs, dout.bfloat16())
+        bounds = [max(bound, 2 * relative_error(t, e)) for bound, t, e in zip(bounds, theirs, exact)]
+    for name, g, e, bound in zip("qkv", ours, exact, bounds):
+        assert g.dtype == torch.bfloat16 and relative_error(g, e) <= bound, name
+
+
 AMX_CASES = {
     "lengths": ((2, 2, 2, 65, 300, 64), {}),
     "short": ((1, 2, 2, 5, 1, 64), {}),
@@ -246,6 +268,36 @@ AMX_CASES = {
 def test_bfloat16_on_amx_tiles(case):
     shape, kwargs = AMX_CASES[case]
     check_bfloat16(*qkv(*shape, dtype=torch.bfloat16), **kwargs)
+
+
+AMX_GRADIENT_CASES = {
+    "lengths": ((2, 2, 2, 65, 130, 64), {}),
+    "odd dims": ((1, 2, 2, 33, 97, 7, 33), {}),
+    "dim 256": ((1, 1, 1, 40, 70, 256), {}),
+    "groups, causal": ((2, 6, 2, 100, 100, 32), dict(is_causal=True)),
+    "bottom-right": ((1, 2, 2, 30, 100, 48), dict(is_causal=True, causal_alignment="bottom_right")),
+    "window": ((1, 2, 2, 150, 150, 64, 40), dict(window=(20, 5))),
+    "bool mask": ((1, 2, 2, 70, 90, 64), dict(attn_mask=torch.rand(70, 90) < 0.7)),
+}
+
+
+@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles for bfloat16")
+@pytest.mark.parametrize("case", list(AMX_GRADIENT_CASES))
+def test_bfloat16_gradients_on_amx_tiles(case):
+    shape, kwargs = AMX_GRADIENT_CASES[case]
+    check_bfloat16_gradients(*qkv(*shape), **kwargs)
+
+
+@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles for bfloat16")
+def test_bfloat16_gradients_split_over_keys_on_amx_tiles():
+    """One key/value head and more threads than heads: the key tiles are dealt to several tasks
+    and their dQ parts summed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        check_bfloat16_gradients(*qkv(1, 3, 1, 90, 300, 64), is_causal=True)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles for bfloat16")
@@ -296,7 +348,7 @@ def test_large_scores_do_not_overflow(len_q):
 
 def test_every_instruction_set():
     """The baseline, AVX2 and AVX-512 builds (and AVX-512 with AMX tiles) each pass a prefill and a
-    decode case."""
+    decode case, and bfloat16 forward and backward cases."""
     script = (
         "import sys, torch; sys.path.insert(0, sys.argv[1]); import test_attention_cpu_kernel as t; "
         "from genkernels import _C; print(_C.cpu_isa()); "
@@ -304,7 +356,8 @@ def test_every_instruction_set():
         "t.check(*t.qkv(2, 4, 2, 70, 133, 40, 24), mask=torch.rand(70, 133) < 0.8, window=(-1, 0), bottom_right=True); "
         "t.check(*t.qkv(1, 4, 2, 3, 1500, 72), kv_lens=torch.tensor([1200], dtype=torch.int32)); "
         "t.check(*t.qkv(1, 2, 2, 65, 80, 19, dtype=torch.float64)); "
-        "t.check_bfloat16(*t.qkv(2, 4, 2, 70, 133, 40, dtype=torch.bfloat16), window=(-1, 0))"
+        "t.check_bfloat16(*t.qkv(2, 4, 2, 70, 133, 40, dtype=torch.bfloat16), window=(-1, 0)); "
+        "t.check_bfloat16_gradients(*t.qkv(1, 4, 2, 70, 133, 40, 24), is_causal=True)"
     )
     seen = set()
     for isa in ("baseline", "avx2", "avx512", "amx"):

@@ -83,8 +83,10 @@ void attention_forward(const AttentionParams&, const CpuExec&);
 void attention_forward(const AttentionParams&, const CudaExec&);
 #if defined(GK_HAVE_AMX)
 namespace avx512 {
-// The bfloat16 prefill on AMX tiles (attention_amx_cpu.cpp), for cpu_isa() == Isa::amx.
+// bfloat16 on AMX tiles (attention_amx_cpu.cpp), for cpu_isa() == Isa::amx: the prefill
+// forward and the backward.
 void attention_forward_amx(const AttentionParams&, int threads);
+void attention_backward_amx(const AttentionBackwardParams&, int threads);
 }  // namespace avx512
 #endif
 GK_DECLARE_PER_ISA(void attention_backward(const AttentionBackwardParams&, const CpuExec&))

@@ -1,24 +1,39 @@
-// CPU attention forward for bfloat16 on Intel AMX (Advanced Matrix Extensions). Part of the
-// AVX-512 build only (CMakeLists.txt), run where cpu_isa() is Isa::amx.
+// CPU attention for bfloat16 on Intel AMX (Advanced Matrix Extensions), forward and backward.
+// Part of the AVX-512 build only (CMakeLists.txt), run where cpu_isa() is Isa::amx.
 //
-// The algorithm is attention_cpu.cpp's prefill: FlashAttention's online softmax in base 2, tile
-// by tile, key tiles outside the band never visited. Here both products of a tile run on the
-// tile matrix unit, whose instruction multiplies a 16 x 32 bfloat16 tile A by a 32 x 16 one B
-// into a 16 x 16 float32 tile C. B is read in pair-interleaved ("VNNI") form: row r holds, for
-// each of the 16 columns n, the two elements B[2r][n], B[2r + 1][n] side by side.
+// Forward. The algorithm is attention_cpu.cpp's prefill: FlashAttention's online softmax in
+// base 2, tile by tile, key tiles outside the band never visited. Here both products of a tile
+// run on the tile matrix unit, whose instruction multiplies a 16 x 32 bfloat16 tile A by a
+// 32 x 16 one B into a 16 x 16 float32 tile C. B is read in pair-interleaved ("VNNI") form: row r
+// holds, for each of the 16 columns n, the two elements B[2r][n], B[2r + 1][n] side by side.
 //
-// A task is Br = 32 queries of one head, the rows of two tiles, walking key tiles of Bc = 64:
-//   S = Q K^T          A: the task's queries as stored; B: K^T, whose pair-interleaved form is
-//                      K itself with 32-bit pairs of features transposed (packed per head)
-//   u = c S (+ mask)   float32, c = scale log2(e); the online softmax of attention_cpu_tiles.h
-//                      turns u into p = 2^(u - m), rescaling O where the maximum m grew
+// Queries go in tiles of Br = 32 (the rows of two tiles), each walking key tiles of Bc = 64:
+//   S = Q K^T          A: the queries as stored; B: K^T, whose pair-interleaved form is K itself
+//                      with 32-bit pairs of features transposed (packed per head)
+//   u = c S (+ mask)   float32, c = scale log2(e); the online softmax (softmax_row, AVX-512)
+//                      turns u into p = 2^(u - m), rescaling O when the maximum m moves
 //   O += P V           A: P rounded to bfloat16 (as PyTorch's CPU kernel does); B: V with pairs
 //                      of key rows interleaved (packed per head)
-// O stays in float32 in memory between tiles, as the rescaling needs it there. Each thread packs
-// the keys and values of the head it works on as far as its tasks reach (a task walks one head's
-// tiles, and consecutive tasks share the head): O(len_kv x dims) per thread, never O(len_q x len_kv).
+// O stays in float32 in memory between tiles, as the rescaling needs it there. A task is a head's
+// query tiles (or every few of them when heads are few), and its thread packs the head's keys
+// and values as far as the tiles reach: O(len_kv x dims) per thread, never O(len_q x len_kv).
+//
+// Backward. attention_backward_cpu.cpp's algorithm (FlashAttention-2, weights recomputed from the
+// saved log-sum-exp) with a task per key/value head and its group, key tiles of Bc = 64 outer,
+// and every product on the tiles. For a key tile and each query head of the group:
+//   for each tile of 32 queries the band lets see it:
+//     S^T = K Q^T,  dP^T = V dO^T                 (keys x queries, float32)
+//     P^T = 2^(c S^T - lse2),  Pd^T = P^T z,  dS^T = P^T (z dP^T - D)   (z: dropout factors)
+//                                                 in AVX-512, stored as bfloat16 rows (for dV,
+//                                                 dK) and pair-interleaved by keys (for dQ)
+//   then, over all those queries at once (a product as deep as the query range, so the float32
+//   accumulators go through memory once per key tile, not once per query tile):
+//     dV += Pd^T dO,   dK += dS^T Q,   dQ^T += K^T dS^T
+// Q and dO of every query head of the group are packed once per task in both B forms; dQ^T
+// accumulates per task and is transposed into dq at its end. Weights and score gradients are
+// rounded to bfloat16 for the products (as the forward's P is), accumulation is float32; one
+// writer per gradient element, no atomics.
 #include "attention/attention_cpu_tiles.h"
-
 
 GK_INTRINSICS_BEGIN
 #pragma GCC push_options
@@ -51,27 +66,81 @@ void configure_tiles() {
   _tile_loadconfig(&config);
 }
 
-// The keys and values of one key/value head in the tiles' B form, packed on demand up to a key.
-//   keys:   tile (16-key block kb, feature chunk f) row r, column n: K[16 kb + n][32 f + 2r + {0, 1}]
-//   values: tile (32-key chunk kc, 16-feature block vb) row r, column n: V[32 kc + 2r + {0, 1}][16 vb + n]
-// Features beyond the head dims and keys beyond kv_len are zero.
+// Element 2n of an interleaved tile row is element n of the even row, 2n + 1 that of the odd row.
+__m512i interleave_index() {
+  return _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+                          19, 3, 18, 2, 17, 1, 16, 0);
+}
+
+// rows[i][0, width) = src row i (ld elements apart) for i < count: zero past dim and from row
+// `valid` on.
+void gather_rows(const uint16_t* src, int64_t ld, int64_t dim, int64_t valid, int64_t count, int64_t width,
+                 uint16_t* rows) {
+  for (int64_t i = 0; i < count; ++i) {
+    uint16_t* row = rows + i * width;
+    const int64_t n = i < valid ? dim : 0;
+    if (n) std::memcpy(row, src + i * ld, sizeof(uint16_t) * n);
+    std::memset(row + n, 0, sizeof(uint16_t) * (width - n));
+  }
+}
+
+// The two B forms of `count` rows of `width` features (rows zero-padded, width a multiple of 32):
+//   transposed:  for products with the rows' transpose (S = Q K^T's K). Tile (16-row block rb,
+//                feature chunk f) at tiles + (rb * width / 32 + f) tiles, row r, column n:
+//                row 16 rb + n, features 32 f + 2r, 2r + 1 (pairs as 32-bit words, transposed)
+//   interleaved: for products with the rows themselves (O = P V's V). Tile (32-row chunk rc,
+//                feature block fb) at tiles + (rc * width / 16 + fb) tiles, row r, column n:
+//                rows 32 rc + 2r, 2r + 1, feature 16 fb + n
+void pack_transposed(const uint16_t* rows, int64_t width, int64_t count, uint16_t* tiles) {
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(rows);
+  const int64_t chunks = width / kDepth;
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(static_cast<int>(width / 2)));
+  for (int64_t rb = 0; rb < count / kRows; ++rb)
+    for (int64_t f = 0; f < chunks; ++f) {
+      uint32_t* tile = reinterpret_cast<uint32_t*>(tiles + (rb * chunks + f) * kTileElems);
+      const uint32_t* block = words + rb * kRows * (width / 2) + f * kRows;
+      for (int64_t r = 0; r < kRows; ++r)
+        _mm512_storeu_si512(tile + r * kRows, _mm512_i32gather_epi32(column, block + r, 4));
+    }
+}
+
+void pack_interleaved(const uint16_t* rows, int64_t width, int64_t count, uint16_t* tiles) {
+  const int64_t blocks = width / kRows;
+  const __m512i interleave = interleave_index();
+  for (int64_t rc = 0; rc < count / kDepth; ++rc)
+    for (int64_t fb = 0; fb < blocks; ++fb) {
+      uint16_t* tile = tiles + (rc * blocks + fb) * kTileElems;
+      for (int64_t r = 0; r < kRows; ++r) {
+        const uint16_t* even = rows + (rc * kDepth + 2 * r) * width + fb * kRows;
+        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even));
+        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + width));
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        _mm512_storeu_si512(tile + r * kDepth, _mm512_permutexvar_epi16(interleave, both));
+      }
+    }
+}
+
+// The keys and values of one key/value head in their B forms (keys transposed, values
+// interleaved), packed on demand up to a key. Features beyond the head dims and keys beyond
+// kv_len are zero.
 class PackedHead {
  public:
   PackedHead(const AttentionParams& p)
       : p_(p),
-        chunks_(round_up(p.dim_qk, kDepth) / kDepth),
-        blocks_(round_up(p.dim_v, kDepth) / kRows),
-        keys_(round_up(p.len_kv, kBc) * chunks_ * kDepth),
-        values_(round_up(p.len_kv, kBc) * blocks_ * kRows),
-        rows_(kBc * max64(chunks_ * kDepth, blocks_ * kRows)) {}
+        dk_(round_up(p.dim_qk, kDepth)),
+        dv_(round_up(p.dim_v, kDepth)),
+        keys_(round_up(p.len_kv, kBc) * dk_),
+        values_(round_up(p.len_kv, kBc) * dv_),
+        rows_(kBc * max64(dk_, dv_)) {}
 
-  int64_t chunks() const { return chunks_; }  // feature chunks of the keys
-  int64_t blocks() const { return blocks_; }  // feature blocks of the values, an even number
-  // The tiles of 16 keys from key j (a multiple of 16), feature chunk f; of 32 values from key j
+  int64_t chunks() const { return dk_ / kDepth; }  // feature chunks of the keys
+  int64_t blocks() const { return dv_ / kRows; }   // feature blocks of the values, an even number
+  // The tile of 16 keys from key j (a multiple of 16), feature chunk f; of 32 values from key j
   // (a multiple of 32), feature block vb.
-  const uint16_t* keys(int64_t j, int64_t f) const { return keys_.get() + (j / kRows * chunks_ + f) * kTileElems; }
+  const uint16_t* keys(int64_t j, int64_t f) const { return keys_.get() + (j / kRows * chunks() + f) * kTileElems; }
   const uint16_t* values(int64_t j, int64_t vb) const {
-    return values_.get() + (j / kDepth * blocks_ + vb) * kTileElems;
+    return values_.get() + (j / kDepth * blocks() + vb) * kTileElems;
   }
 
   // Makes head (b, hk), whose valid keys are [0, kv_len), packed at least up to key `upto`.
@@ -81,111 +150,74 @@ class PackedHead {
       hk_ = hk;
       packed_ = 0;
     }
-    for (; packed_ < upto; packed_ += kBc) pack(kv_len, packed_);
-  }
-
- private:
-  // Packs keys [j0, j0 + Bc): their rows are first gathered zero-padded (rows_), then rearranged.
-  void pack(int64_t kv_len, int64_t j0) {
-    const int64_t dk = chunks_ * kDepth, dv = blocks_ * kRows;
-    gather(static_cast<const uint16_t*>(p_.k), p_.k_stride, p_.dim_qk, dk, kv_len, j0);
-    // A pair of features is one 32-bit word: a key tile is the 16 x 16 transpose of such words.
-    const uint32_t* kw = reinterpret_cast<const uint32_t*>(rows_.get());
-    const __m512i key_words = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                 _mm512_set1_epi32(static_cast<int>(dk / 2)));
-    for (int64_t kb = 0; kb < kBc / kRows; ++kb)
-      for (int64_t f = 0; f < chunks_; ++f) {
-        uint32_t* tile = reinterpret_cast<uint32_t*>(keys_.get() + ((j0 / kRows + kb) * chunks_ + f) * kTileElems);
-        const uint32_t* block = kw + kb * kRows * (dk / 2) + f * kRows;
-        for (int64_t r = 0; r < kRows; ++r)
-          _mm512_storeu_si512(tile + r * kRows, _mm512_i32gather_epi32(key_words, block + r, 4));
-      }
-    gather(static_cast<const uint16_t*>(p_.v), p_.v_stride, p_.dim_v, dv, kv_len, j0);
-    const uint16_t* vr = rows_.get();
-    // Element 2n of a tile row is element n of the even key's row, 2n + 1 that of the odd key's.
-    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                                                21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    for (int64_t kc = 0; kc < kBc / kDepth; ++kc)
-      for (int64_t vb = 0; vb < blocks_; ++vb) {
-        uint16_t* tile = values_.get() + ((j0 / kDepth + kc) * blocks_ + vb) * kTileElems;
-        for (int64_t r = 0; r < kRows; ++r) {
-          const uint16_t* even = vr + (kc * kDepth + 2 * r) * dv + vb * kRows;
-          const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even))),
-                                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + dv)), 1);
-          _mm512_storeu_si512(tile + r * kDepth, _mm512_permutexvar_epi16(interleave, both));
-        }
-      }
-  }
-
-  // rows_[jj][0, width) = row j0 + jj of head (b_, hk_) of base, zero past dim and past kv_len.
-  void gather(const uint16_t* base, const int64_t* stride, int64_t dim, int64_t width, int64_t kv_len, int64_t j0) {
-    const uint16_t* src = base + b_ * stride[0] + hk_ * stride[1];
-    for (int64_t jj = 0; jj < kBc; ++jj) {
-      uint16_t* row = rows_.get() + jj * width;
-      const int64_t n = j0 + jj < kv_len ? dim : 0;
-      if (n) std::memcpy(row, src + (j0 + jj) * stride[2], sizeof(uint16_t) * n);
-      std::memset(row + n, 0, sizeof(uint16_t) * (width - n));
+    for (; packed_ < upto; packed_ += kBc) {
+      const int64_t j0 = packed_, valid = kv_len - j0;
+      const uint16_t* k =
+          static_cast<const uint16_t*>(p_.k) + b * p_.k_stride[0] + hk * p_.k_stride[1] + j0 * p_.k_stride[2];
+      gather_rows(k, p_.k_stride[2], p_.dim_qk, valid, kBc, dk_, rows_.get());
+      pack_transposed(rows_.get(), dk_, kBc, keys_.get() + j0 * dk_);
+      const uint16_t* v =
+          static_cast<const uint16_t*>(p_.v) + b * p_.v_stride[0] + hk * p_.v_stride[1] + j0 * p_.v_stride[2];
+      gather_rows(v, p_.v_stride[2], p_.dim_v, valid, kBc, dv_, rows_.get());
+      pack_interleaved(rows_.get(), dv_, kBc, values_.get() + j0 * dv_);
     }
   }
 
+ private:
   const AttentionParams& p_;
-  int64_t chunks_, blocks_;
+  int64_t dk_, dv_;
   Buffer<uint16_t> keys_, values_, rows_;
   int64_t b_ = -1, hk_ = -1, packed_ = 0;
 };
 
-// s[i][jj] = q_i . k_(j0 + jj) for the 32 queries of q (ldq elements apart) and `count` keys
-// from j0 (a multiple of 32), count <= Bc; s's rows are Bc apart.
-void tile_scores(const uint16_t* q, int64_t ldq, const PackedHead& kv, int64_t j0, int64_t count, float* s) {
-  for (int64_t jc = 0; jc < count; jc += kDepth) {
+// ---------------------------------------------------------------- the micro-kernel
+// A 32 x 32 block of C (float32, ldc apart: tiles at c, c + 16, c + 16 ldc, c + 16 ldc + 16)
+// (+)= sum over `steps` of A (rows 0-15 at a, 16-31 at a + 16 lda; a_step apart) times the B
+// tiles b0 (columns 0-15) and b1 (16-31), b_step apart. Four independent products a step: tiles
+// are not renamed, so a product waits for the last one into its tile.
+void quad(float* c, int64_t ldc, bool accumulate, int64_t steps, const uint16_t* a, int64_t lda, int64_t a_step,
+          const uint16_t* b0, const uint16_t* b1, int64_t b_step) {
+  float* c1 = c + kRows * ldc;
+  if (accumulate) {
+    _tile_loadd(0, c, 4 * ldc);
+    _tile_loadd(1, c + kRows, 4 * ldc);
+    _tile_loadd(2, c1, 4 * ldc);
+    _tile_loadd(3, c1 + kRows, 4 * ldc);
+  } else {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    for (int64_t f = 0; f < kv.chunks(); ++f) {
-      _tile_loadd(4, q + f * kDepth, 2 * ldq);
-      _tile_loadd(5, q + kRows * ldq + f * kDepth, 2 * ldq);
-      _tile_loadd(6, kv.keys(j0 + jc, f), 2 * kDepth);
-      _tile_loadd(7, kv.keys(j0 + jc + kRows, f), 2 * kDepth);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-    float* c = s + jc;
-    _tile_stored(0, c, 4 * kBc);
-    _tile_stored(1, c + kRows, 4 * kBc);
-    _tile_stored(2, c + kRows * kBc, 4 * kBc);
-    _tile_stored(3, c + kRows * kBc + kRows, 4 * kBc);
   }
+  for (int64_t t = 0; t < steps; ++t) {
+    _tile_loadd(4, a + t * a_step, 2 * lda);
+    _tile_loadd(5, a + kRows * lda + t * a_step, 2 * lda);
+    _tile_loadd(6, b0 + t * b_step, 2 * kDepth);
+    _tile_loadd(7, b1 + t * b_step, 2 * kDepth);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, 4 * ldc);
+  _tile_stored(1, c + kRows, 4 * ldc);
+  _tile_stored(2, c1, 4 * ldc);
+  _tile_stored(3, c1 + kRows, 4 * ldc);
+}
+
+// s[i][jj] = q_i . k_(j0 + jj) for the 32 queries of q (ldq elements apart) and `count` keys
+// from j0 (a multiple of 32), count <= Bc; s's rows are Bc apart.
+void tile_scores(const uint16_t* q, int64_t ldq, const PackedHead& kv, int64_t j0, int64_t count, float* s) {
+  for (int64_t jc = 0; jc < count; jc += kDepth)
+    quad(s + jc, kBc, false, kv.chunks(), q, ldq, kDepth, kv.keys(j0 + jc, 0), kv.keys(j0 + jc + kRows, 0), kTileElems);
 }
 
 // o[i] += sum_jj p[i][jj] v_(j0 + jj) for the 32 rows of p (bfloat16, Bc apart) over `count` keys
-// from j0, count a multiple of 32 up to Bc; o's rows are ldo apart. Two feature blocks at a time,
-// so that the four products of a step are independent (tiles are not renamed: a product waits
-// for the last one into its tile).
+// from j0, count a multiple of 32 up to Bc; o's rows are ldo apart.
 void tile_values(const uint16_t* p, const PackedHead& kv, int64_t j0, int64_t count, float* o, int64_t ldo) {
-  for (int64_t vb = 0; vb < kv.blocks(); vb += 2) {
-    float* c = o + vb * kRows;
-    _tile_loadd(0, c, 4 * ldo);
-    _tile_loadd(1, c + kRows, 4 * ldo);
-    _tile_loadd(2, c + kRows * ldo, 4 * ldo);
-    _tile_loadd(3, c + kRows * ldo + kRows, 4 * ldo);
-    for (int64_t jc = 0; jc < count; jc += kDepth) {
-      _tile_loadd(4, p + jc, 2 * kBc);
-      _tile_loadd(5, p + kRows * kBc + jc, 2 * kBc);
-      _tile_loadd(6, kv.values(j0 + jc, vb), 2 * kDepth);
-      _tile_loadd(7, kv.values(j0 + jc, vb + 1), 2 * kDepth);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-    _tile_stored(0, c, 4 * ldo);
-    _tile_stored(1, c + kRows, 4 * ldo);
-    _tile_stored(2, c + kRows * ldo, 4 * ldo);
-    _tile_stored(3, c + kRows * ldo + kRows, 4 * ldo);
-  }
+  for (int64_t vb = 0; vb < kv.blocks(); vb += 2)
+    quad(o + vb * kRows, ldo, true, count / kDepth, p, kBc, kDepth, kv.values(j0, vb), kv.values(j0, vb + 1),
+         kv.blocks() * kTileElems);
 }
 
 // ---------------------------------------------------------------- softmax
@@ -255,21 +287,25 @@ void round_weights(const float* row, int64_t width, uint16_t* w) {
   }
 }
 
-// out(row) = o / l rounded to bfloat16 and its log-sum-exp; zeros for a query with no key.
-// (The conversion instruction rounds to nearest even, like store_as, flushing subnormals.)
-void write_row(const AttentionParams& p, int64_t row, const float* o, float m, __m512 lanes) {
-  const float l = _mm512_reduce_add_ps(lanes);
-  uint16_t* out = static_cast<uint16_t*>(p.out) + row * p.dim_v;
-  const __m512 inv = splat16(l > 0 ? 1 / l : 0);
-  for (int64_t e = 0; e < p.dim_v; e += kRows) {
-    const __mmask16 part = p.dim_v - e >= kRows ? 0xffff : static_cast<__mmask16>((1u << (p.dim_v - e)) - 1);
-    const __m256bh x = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(o + e), inv));
+// out[0, dim) = factor * src rounded to bfloat16: to nearest even, like store_as, but with
+// subnormals flushed to zero (the conversion instruction's rule).
+void store_bf16(uint16_t* out, const float* src, int64_t dim, float factor) {
+  const __m512 f = splat16(factor);
+  for (int64_t e = 0; e < dim; e += kRows) {
+    const __mmask16 part = dim - e >= kRows ? 0xffff : static_cast<__mmask16>((1u << (dim - e)) - 1);
+    const __m256bh x = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(part, src + e), f));
     _mm256_mask_storeu_epi16(out + e, part, reinterpret_cast<__m256i>(x));
   }
+}
+
+// out(row) = o / l and its log-sum-exp; zeros for a query with no key.
+void write_row(const AttentionParams& p, int64_t row, const float* o, float m, __m512 lanes) {
+  const float l = _mm512_reduce_add_ps(lanes);
+  store_bf16(static_cast<uint16_t*>(p.out) + row * p.dim_v, o, p.dim_v, l > 0 ? 1 / l : 0);
   if (p.lse) p.lse[row] = l > 0 ? static_cast<float>(0.69314718055994531 * m + log_of(l)) : 0.0f;
 }
 
-// ---------------------------------------------------------------- tasks
+// ---------------------------------------------------------------- forward
 void prefill(const AttentionParams& p, int threads) {
   const Attention<Bf16> at(p);
   const int64_t ldq = round_up(p.dim_qk, kDepth), ldo = round_up(p.dim_v, kDepth);
@@ -339,9 +375,257 @@ void prefill(const AttentionParams& p, int threads) {
   });
 }
 
+// ---------------------------------------------------------------- backward
+// One query head's operands, packed once per task (len_qp = len_q rounded up to 32 queries):
+// Q and dO in both B forms, log2(e) lse (+inf past len_q, so weights vanish), D (0 past len_q)
+// and the float32 accumulator of dQ^T (dk x len_qp).
+struct QueryPack {
+  uint16_t *q_t, *q_i, *do_t, *do_i;
+  float *lse2, *delta, *dqt;
+};
+
+float bf16_value(uint16_t x) { return bits_float(static_cast<uint32_t>(x) << 16); }
+
+class Backward {
+ public:
+  Backward(const AttentionBackwardParams& bp)
+      : bp_(bp),
+        p_(bp.fwd),
+        at_(bp.fwd),
+        group_(at_.group()),
+        len_qp_(round_up(p_.len_q, kBr)),
+        dk_(round_up(p_.dim_qk, kDepth)),
+        dv_(round_up(p_.dim_v, kDepth)) {}
+
+  void run(int threads) const {
+    const int64_t heads = p_.batch * p_.heads_kv, key_tiles = (p_.len_kv + kBc - 1) / kBc;
+    // As in attention_backward_cpu.cpp: with fewer key/value heads than threads, the key tiles of a
+    // head are dealt round-robin to `splits` tasks, whose dQ parts are summed in task order.
+    const int64_t splits = heads < threads ? clamp64((threads + heads - 1) / heads, 1, max64(key_tiles, 1)) : 1;
+    const int64_t part = group_ * p_.len_q * p_.dim_qk;
+    Buffer<float> dq_parts(splits > 1 ? heads * splits * part : 0);
+    const int64_t pack_u16 = 2 * len_qp_ * (dk_ + dv_), pack_f32 = (2 + dk_) * len_qp_;
+    for_each_task(heads * splits, threads, [&](auto&& next) {
+      configure_tiles();
+      Buffer<uint16_t> packs_u16(group_ * pack_u16), rows(len_qp_ * max64(dk_, dv_));
+      Buffer<float> packs_f32(group_ * pack_f32);
+      Buffer<uint16_t> k(kBc * dk_), v(kBc * dv_), kt(dk_ * kBc), pt(kBc * len_qp_), dst(kBc * len_qp_),
+          dsv(kBc * len_qp_);
+      Buffer<float> s(kBc * kBr), dp(kBc * kBr), drop(kBc * kBr), dk(kBc * dk_), dv(kBc * dv_), dq_row(dk_);
+      for (int64_t item; next(&item);) {
+        const int64_t bh = item / splits, split = item % splits, b = bh / p_.heads_kv, hk = bh % p_.heads_kv;
+        auto pack_of = [&](int64_t g) {
+          uint16_t* x = packs_u16.get() + g * pack_u16;
+          float* y = packs_f32.get() + g * pack_f32;
+          return QueryPack{x, x + len_qp_ * dk_, x + 2 * len_qp_ * dk_, x + 2 * len_qp_ * dk_ + len_qp_ * dv_,
+                           y, y + len_qp_, y + 2 * len_qp_};
+        };
+        for (int64_t g = 0; g < group_; ++g) pack(b, hk * group_ + g, pack_of(g), rows.get());
+        for (int64_t j0 = split * kBc; j0 < p_.len_kv; j0 += splits * kBc) {
+          const int64_t n = min64(kBc, p_.len_kv - j0);
+          const uint16_t* ksrc =
+              static_cast<const uint16_t*>(p_.k) + b * p_.k_stride[0] + hk * p_.k_stride[1] + j0 * p_.k_stride[2];
+          const uint16_t* vsrc =
+              static_cast<const uint16_t*>(p_.v) + b * p_.v_stride[0] + hk * p_.v_stride[1] + j0 * p_.v_stride[2];
+          gather_rows(ksrc, p_.k_stride[2], p_.dim_qk, n, kBc, dk_, k.get());
+          gather_rows(vsrc, p_.v_stride[2], p_.dim_v, n, kBc, dv_, v.get());
+          for (int64_t e = 0; e < dk_; ++e)
+            for (int64_t jj = 0; jj < kBc; ++jj) kt.get()[e * kBc + jj] = k.get()[jj * dk_ + e];
+          std::memset(dk.get(), 0, sizeof(float) * kBc * dk_);
+          std::memset(dv.get(), 0, sizeof(float) * kBc * dv_);
+          for (int64_t g = 0; g < group_; ++g) {
+            const Tile tile{b, hk * group_ + g, j0, n, k.get(), v.get(), kt.get()};
+            const Scratch scratch{s.get(), dp.get(), drop.get(), pt.get(), dst.get(), dsv.get(), dk.get(), dv.get()};
+            key_tile(tile, pack_of(g), scratch);
+          }
+          const int64_t row0 = bh * p_.len_kv + j0;
+          for (int64_t jj = 0; jj < n; ++jj) {
+            store_bf16(static_cast<uint16_t*>(bp_.dk) + (row0 + jj) * p_.dim_qk, dk.get() + jj * dk_, p_.dim_qk,
+                       static_cast<float>(p_.scale));
+            store_bf16(static_cast<uint16_t*>(bp_.dv) + (row0 + jj) * p_.dim_v, dv.get() + jj * dv_, p_.dim_v, 1.0f);
+          }
+        }
+        // dQ = scale (dQ^T)^T: into dq, or into this task's part.
+        for (int64_t g = 0; g < group_; ++g) {
+          const float* dqt = pack_of(g).dqt;
+          const int64_t row0 = (b * p_.heads_q + hk * group_ + g) * p_.len_q;
+          for (int64_t i = 0; i < p_.len_q; ++i) {
+            float* row = splits > 1 ? dq_parts.get() + item * part + (g * p_.len_q + i) * p_.dim_qk : dq_row.get();
+            for (int64_t e = 0; e < p_.dim_qk; ++e) row[e] = dqt[e * len_qp_ + i];
+            if (splits == 1)
+              store_bf16(static_cast<uint16_t*>(bp_.dq) + (row0 + i) * p_.dim_qk, row, p_.dim_qk,
+                         static_cast<float>(p_.scale));
+          }
+        }
+      }
+      _tile_release();
+    });
+    if (splits == 1) return;
+    parallel_for(heads * group_ * p_.len_q, 64, threads, [&](int64_t begin, int64_t end) {
+      Buffer<float> sum(p_.dim_qk);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t bh = row / (group_ * p_.len_q), r = row % (group_ * p_.len_q);
+        std::memset(sum.get(), 0, sizeof(float) * p_.dim_qk);
+        for (int64_t split = 0; split < splits; ++split) {
+          const float* x = dq_parts.get() + (bh * splits + split) * part + r * p_.dim_qk;
+          for (int64_t e = 0; e < p_.dim_qk; ++e) sum.get()[e] += x[e];
+        }
+        const int64_t out_row = (bh / p_.heads_kv * p_.heads_q + bh % p_.heads_kv * group_) * p_.len_q + r;
+        store_bf16(static_cast<uint16_t*>(bp_.dq) + out_row * p_.dim_qk, sum.get(), p_.dim_qk,
+                   static_cast<float>(p_.scale));
+      }
+    });
+  }
+
+ private:
+  // A key tile of head (b, hk) seen from query head h: keys [j0, j0 + n) as rows of k and v
+  // (Bc x dk, Bc x dv, zero-padded) and kt = k^T (dk x Bc).
+  struct Tile {
+    int64_t b, h, j0, n;
+    const uint16_t *k, *v, *kt;
+  };
+  // Per-thread buffers: s, dp, drop (Bc x 32 float32: S^T, dP^T, dropout factors of a query
+  // tile); pt, dst (Bc x len_qp bfloat16 rows: Pd^T, dS^T) and dsv (dS^T interleaved by key
+  // pairs); the key tile's dk and dv accumulators.
+  struct Scratch {
+    float *s, *dp, *drop;
+    uint16_t *pt, *dst, *dsv;
+    float *dk, *dv;
+  };
+
+  // Packs query head (b, h); zeroes its dQ^T.
+  void pack(int64_t b, int64_t h, const QueryPack& pq, uint16_t* rows) const {
+    constexpr float kLog2e = 1.4426950408889634074f;
+    const int64_t row0 = (b * p_.heads_q + h) * p_.len_q;
+    const uint16_t* q = static_cast<const uint16_t*>(p_.q) + b * p_.q_stride[0] + h * p_.q_stride[1];
+    gather_rows(q, p_.q_stride[2], p_.dim_qk, p_.len_q, len_qp_, dk_, rows);
+    pack_transposed(rows, dk_, len_qp_, pq.q_t);
+    pack_interleaved(rows, dk_, len_qp_, pq.q_i);
+    const uint16_t* dout = static_cast<const uint16_t*>(bp_.dout) + b * bp_.dout_stride[0] + h * bp_.dout_stride[1];
+    gather_rows(dout, bp_.dout_stride[2], p_.dim_v, p_.len_q, len_qp_, dv_, rows);
+    pack_transposed(rows, dv_, len_qp_, pq.do_t);
+    pack_interleaved(rows, dv_, len_qp_, pq.do_i);
+    const uint16_t* out = static_cast<const uint16_t*>(p_.out) + row0 * p_.dim_v;
+    for (int64_t i = 0; i < len_qp_; ++i) {
+      if (i >= p_.len_q) {
+        pq.lse2[i] = __builtin_inff();
+        pq.delta[i] = 0;
+        continue;
+      }
+      float delta = 0;
+      for (int64_t e = 0; e < p_.dim_v; ++e) delta += bf16_value(rows[i * dv_ + e]) * bf16_value(out[i * p_.dim_v + e]);
+      pq.lse2[i] = kLog2e * p_.lse[row0 + i];
+      pq.delta[i] = delta - (bp_.dlse ? bp_.dlse[row0 + i] : 0.0f);
+    }
+    std::memset(pq.dqt, 0, sizeof(float) * dk_ * len_qp_);
+  }
+
+  // The contributions of query head t.h to key tile t: into the dk, dv accumulators and the
+  // head's dQ^T.
+  void key_tile(const Tile& t, const QueryPack& pq, const Scratch& x) const {
+    const Band band = at_.band(t.b);
+    const int64_t ia = clamp64(band.first_query(t.j0), 0, p_.len_q);
+    const int64_t ib = clamp64(band.end_query(t.j0 + t.n - 1), 0, p_.len_q);
+    if (ia >= ib) return;
+    const int64_t qa = ia / kBr * kBr, qb = round_up(ib, kBr), width = round_up(t.n, kDepth);
+    for (int64_t i0 = qa; i0 < qb; i0 += kBr) query_tile(t, pq, x, band, i0);
+    const int64_t steps = (qb - qa) / kDepth, vblocks = dv_ / kRows, kblocks = dk_ / kRows;
+    for (int64_t kb = 0; kb < width; kb += kDepth) {
+      for (int64_t vb = 0; vb < vblocks; vb += 2) {
+        const uint16_t* b0 = pq.do_i + (qa / kDepth * vblocks + vb) * kTileElems;
+        quad(x.dv + kb * dv_ + vb * kRows, dv_, true, steps, x.pt + kb * len_qp_ + qa, len_qp_, kDepth, b0,
+             b0 + kTileElems, vblocks * kTileElems);
+      }
+      for (int64_t fb = 0; fb < kblocks; fb += 2) {
+        const uint16_t* b0 = pq.q_i + (qa / kDepth * kblocks + fb) * kTileElems;
+        quad(x.dk + kb * dk_ + fb * kRows, dk_, true, steps, x.dst + kb * len_qp_ + qa, len_qp_, kDepth, b0,
+             b0 + kTileElems, kblocks * kTileElems);
+      }
+    }
+    const int64_t qblocks = len_qp_ / kRows;
+    for (int64_t fb = 0; fb < kblocks; fb += 2) {
+      for (int64_t i = qa / kRows; i < qb / kRows; i += 2) {
+        const uint16_t* b0 = x.dsv + i * kTileElems;
+        quad(pq.dqt + fb * kRows * len_qp_ + i * kRows, len_qp_, true, width / kDepth, t.kt + fb * kRows * kBc, kBc,
+             kDepth, b0, b0 + kTileElems, qblocks * kTileElems);
+      }
+    }
+  }
+
+  // Queries [i0, i0 + 32) against key tile t: their columns of Pd^T, dS^T and its interleaved
+  // form, and of dbias.
+  void query_tile(const Tile& t, const QueryPack& pq, const Scratch& x, const Band& band, int64_t i0) const {
+    const int64_t count = min64(kBr, p_.len_q - i0), width = round_up(t.n, kDepth);
+    for (int64_t kc = 0; kc < width; kc += kDepth) {
+      const uint16_t* qt = pq.q_t + i0 / kRows * (dk_ / kDepth) * kTileElems;
+      quad(x.s + kc * kBr, kBr, false, dk_ / kDepth, t.k + kc * dk_, dk_, kDepth, qt, qt + dk_ / kDepth * kTileElems,
+           kTileElems);
+      const uint16_t* dot = pq.do_t + i0 / kRows * (dv_ / kDepth) * kTileElems;
+      quad(x.dp + kc * kBr, kBr, false, dv_ / kDepth, t.v + kc * dv_, dv_, kDepth, dot, dot + dv_ / kDepth * kTileElems,
+           kTileElems);
+    }
+    // Scores past the band's edge, past n or under a mask are made base 2 and masked first.
+    const float c = at_.log2_scale();
+    const bool masked = p_.mask || t.n < width || !band.covers(i0, i0 + count, t.j0, t.j0 + t.n);
+    if (masked) {
+      for (int64_t jj = 0; jj < width; ++jj)
+        for (int64_t i = 0; i < kBr; ++i) x.s[jj * kBr + i] = jj < t.n ? c * x.s[jj * kBr + i] : kMinusInf<float>;
+      for (int64_t i = 0; i < count; ++i) at_.mask_scores(band, t.b, t.h, i0 + i, t.j0, t.n, x.s + i, kBr);
+    }
+    if (at_.dropout()) {
+      for (int64_t e = 0; e < width * kBr; ++e) x.drop[e] = 1;
+      for (int64_t i = 0; i < count; ++i) at_.drop(t.b, t.h, i0 + i, t.j0, t.n, x.drop + i, kBr);
+    }
+    const __m512 scale = splat16(masked ? 1.0f : c);
+    const __m512i interleave = interleave_index();
+    const __m512 lse2[2] = {_mm512_loadu_ps(pq.lse2 + i0), _mm512_loadu_ps(pq.lse2 + i0 + kRows)};
+    const __m512 delta[2] = {_mm512_loadu_ps(pq.delta + i0), _mm512_loadu_ps(pq.delta + i0 + kRows)};
+    for (int64_t jj = 0; jj < width; jj += 2) {
+      __m512 ds[2][2];  // [key jj + r][query half]
+      for (int64_t r = 0; r < 2; ++r) {
+        __m512 w[2];
+        for (int64_t half = 0; half < 2; ++half) {
+          const int64_t e = (jj + r) * kBr + half * kRows;
+          const __m512 p = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(x.s + e), scale, lse2[half]));
+          __m512 dpv = _mm512_loadu_ps(x.dp + e);
+          w[half] = p;
+          if (at_.dropout()) {
+            const __m512 z = _mm512_loadu_ps(x.drop + e);
+            dpv = _mm512_mul_ps(dpv, z);
+            w[half] = _mm512_mul_ps(p, z);
+          }
+          ds[r][half] = _mm512_mul_ps(p, _mm512_sub_ps(dpv, delta[half]));
+          _mm512_storeu_ps(x.dp + e, ds[r][half]);  // for dbias
+        }
+        const int64_t row = (jj + r) * len_qp_ + i0;
+        _mm512_storeu_si512(x.pt + row, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w[1], w[0])));
+        _mm512_storeu_si512(x.dst + row, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ds[r][1], ds[r][0])));
+      }
+      // Key pair (jj, jj + 1) is row (jj mod 32) / 2 of the tiles of key chunk jj / 32.
+      for (int64_t half = 0; half < 2; ++half) {
+        const __m512i pair = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ds[1][half], ds[0][half]));
+        uint16_t* tile = x.dsv + (jj / kDepth * (len_qp_ / kRows) + i0 / kRows + half) * kTileElems;
+        _mm512_storeu_si512(tile + jj % kDepth / 2 * kDepth,
+                            _mm512_permutexvar_epi16(interleave, pair));
+      }
+    }
+    if (bp_.dbias) {
+      float* db = bp_.dbias + ((t.b * p_.heads_q + t.h) * p_.len_q + i0) * p_.len_kv + t.j0;
+      for (int64_t i = 0; i < count; ++i)
+        for (int64_t jj = 0; jj < t.n; ++jj) db[i * p_.len_kv + jj] = x.dp[jj * kBr + i];
+    }
+  }
+
+  const AttentionBackwardParams& bp_;
+  const AttentionParams& p_;
+  const Attention<Bf16> at_;
+  int64_t group_, len_qp_, dk_, dv_;
+};
+
 }  // namespace
 
 void attention_forward_amx(const AttentionParams& p, int threads) { prefill(p, threads); }
+void attention_backward_amx(const AttentionBackwardParams& bp, int threads) { Backward(bp).run(threads); }
 
 }  // namespace GK_ISA
 }  // namespace gk
