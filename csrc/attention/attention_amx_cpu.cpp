@@ -12,14 +12,15 @@
 //                      with 32-bit pairs of features transposed (packed per head)
 //   u = c S (+ mask)   float32, c = scale log2(e); the online softmax (softmax_row, AVX-512)
 //                      turns u into p = 2^(u - m), rescaling O when the maximum m moves
-//   O += P V           A: P rounded to bfloat16 (as PyTorch's CPU kernel does); B: V with pairs
-//                      of key rows interleaved (packed per head)
+//   O += P V           A: P rounded to bfloat16 (as flash attention does on GPUs), the output
+//                      divided by the sum of the rounded weights; B: V with pairs of key rows
+//                      interleaved (packed per head)
 // O stays in float32 in memory between tiles, as the rescaling needs it there. A task is a head's
 // query tiles (or every few of them when heads are few), and its thread packs the head's keys
 // and values as far as the tiles reach: O(len_kv x dims) per thread, never O(len_q x len_kv).
 //
 // Backward. attention_backward_cpu.cpp's algorithm (FlashAttention-2, weights recomputed from the
-// saved log-sum-exp) with a task per key/value head and its group, key tiles of Bc = 64 outer,
+// saved log-sum-exp) with a task per key/value head and its group, key tiles of 128 outer,
 // and every product on the tiles. For a key tile and each query head of the group:
 //   for each tile of 32 queries the band lets see it:
 //     S^T = K Q^T,  dP^T = V dO^T                 (keys x queries, float32)
@@ -241,10 +242,13 @@ __m512 exp2_16(__m512 x) {
   return _mm512_scalef_ps(poly, n);
 }
 
-// The running state of a task's queries: reference maximum m and per-lane sums of the weights.
+// The running state of a task's queries: reference maximum m and per-lane sums of the weights,
+// as computed (l, for the log-sum-exp) and as rounded to bfloat16 for P V (used, to normalise
+// the output: the weights P V takes then sum to one, and the rounding errors of the weights
+// largely cancel in out = P V / used).
 struct RowState {
   float m[kBr];
-  __m512 l[kBr];
+  __m512 l[kBr], used[kBr];
 };
 
 // Folds the scores of query r in one key tile, u_j = c row[j] for j < width (a multiple of 32),
@@ -259,24 +263,29 @@ void softmax_row(float* row, int64_t width, float c, RowState& st, int64_t r, fl
     const float m_new = _mm512_reduce_max_ps(u);
     const __m512 a = exp2_16(splat16(st.m[r] - m_new));  // 0 while m is -inf
     st.l[r] = _mm512_mul_ps(st.l[r], a);
+    st.used[r] = _mm512_mul_ps(st.used[r], a);
     for (int64_t e = 0; e < ldo; e += kRows) _mm512_storeu_ps(o + e, _mm512_mul_ps(_mm512_loadu_ps(o + e), a));
     st.m[r] = m_new;
   }
   // A query with no allowed key so far keeps m = -inf; measuring from 0 then gives p = 0.
   const __m512 scale = splat16(c), shift = splat16(st.m[r] == kMinusInf<float> ? 0.0f : -st.m[r]);
-  __m512 sum = _mm512_setzero_ps();
+  __m512 sum = _mm512_setzero_ps(), used = _mm512_setzero_ps();
+  const __m512bh ones = reinterpret_cast<__m512bh>(_mm512_set1_epi16(0x3f80));
   for (int64_t j = 0; j < width; j += kDepth) {
     const __m512 p0 = exp2_16(_mm512_fmadd_ps(_mm512_loadu_ps(row + j), scale, shift));
     const __m512 p1 = exp2_16(_mm512_fmadd_ps(_mm512_loadu_ps(row + j + kRows), scale, shift));
+    const __m512i rounded = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(p1, p0));
     sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+    used = _mm512_dpbf16_ps(used, reinterpret_cast<__m512bh>(rounded), ones);  // pairs of them, times one
     if (keep) {
       _mm512_storeu_ps(row + j, p0);
       _mm512_storeu_ps(row + j + kRows, p1);
     } else {
-      _mm512_storeu_si512(w + j, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(p1, p0)));
+      _mm512_storeu_si512(w + j, rounded);
     }
   }
   st.l[r] = _mm512_add_ps(st.l[r], sum);
+  st.used[r] = _mm512_add_ps(st.used[r], used);
 }
 
 // w[0, width) = row[0, width) rounded to bfloat16, width a multiple of 32.
@@ -298,10 +307,10 @@ void store_bf16(uint16_t* out, const float* src, int64_t dim, float factor) {
   }
 }
 
-// out(row) = o / l and its log-sum-exp; zeros for a query with no key.
-void write_row(const AttentionParams& p, int64_t row, const float* o, float m, __m512 lanes) {
-  const float l = _mm512_reduce_add_ps(lanes);
-  store_bf16(static_cast<uint16_t*>(p.out) + row * p.dim_v, o, p.dim_v, l > 0 ? 1 / l : 0);
+// out(row) = o / used and the log-sum-exp of m and l; zeros for a query with no key.
+void write_row(const AttentionParams& p, int64_t row, const float* o, float m, __m512 l_lanes, __m512 used_lanes) {
+  const float l = _mm512_reduce_add_ps(l_lanes), used = _mm512_reduce_add_ps(used_lanes);
+  store_bf16(static_cast<uint16_t*>(p.out) + row * p.dim_v, o, p.dim_v, used > 0 ? 1 / used : 0);
   if (p.lse) p.lse[row] = l > 0 ? static_cast<float>(0.69314718055994531 * m + log_of(l)) : 0.0f;
 }
 
@@ -340,7 +349,7 @@ void prefill(const AttentionParams& p, int threads) {
         std::memset(o.get(), 0, sizeof(float) * kBr * ldo);
         for (int64_t i = 0; i < kBr; ++i) {
           st.m[i] = kMinusInf<float>;
-          st.l[i] = _mm512_setzero_ps();
+          st.l[i] = st.used[i] = _mm512_setzero_ps();
         }
 
         // Key tiles start at multiples of Bc, where the packing's tiles do.
@@ -368,7 +377,7 @@ void prefill(const AttentionParams& p, int threads) {
           tile_values(w.get(), kv, j0, width, o.get(), ldo);
         }
         for (int64_t i = 0; i < count; ++i)
-          write_row(p, (b * p.heads_q + h) * p.len_q + i0 + i, o.get() + i * ldo, st.m[i], st.l[i]);
+          write_row(p, (b * p.heads_q + h) * p.len_q + i0 + i, o.get() + i * ldo, st.m[i], st.l[i], st.used[i]);
       }
     }
     _tile_release();
@@ -378,13 +387,18 @@ void prefill(const AttentionParams& p, int threads) {
 // ---------------------------------------------------------------- backward
 // One query head's operands, packed once per task (len_qp = len_q rounded up to 32 queries):
 // Q and dO in both B forms, log2(e) lse (+inf past len_q, so weights vanish), D (0 past len_q)
-// and the float32 accumulator of dQ^T (dk x len_qp).
+// and the float32 accumulator of dQ^T (dk rows).
 struct QueryPack {
   uint16_t *q_t, *q_i, *do_t, *do_i;
   float *lse2, *delta, *dqt;
 };
 
-float bf16_value(uint16_t x) { return bits_float(static_cast<uint32_t>(x) << 16); }
+// Keys per backward tile: the dQ^T accumulators of the query range pass through memory once per
+// key tile.
+constexpr int64_t kKeys = 128;
+
+// 16 bfloat16 values as float32.
+__m512 widen(__m256i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16)); }
 
 class Backward {
  public:
@@ -394,24 +408,26 @@ class Backward {
         at_(bp.fwd),
         group_(at_.group()),
         len_qp_(round_up(p_.len_q, kBr)),
+        ldw_(len_qp_ + kDepth),
+        lddq_(len_qp_ + kRows),
         dk_(round_up(p_.dim_qk, kDepth)),
         dv_(round_up(p_.dim_v, kDepth)) {}
 
   void run(int threads) const {
-    const int64_t heads = p_.batch * p_.heads_kv, key_tiles = (p_.len_kv + kBc - 1) / kBc;
+    const int64_t heads = p_.batch * p_.heads_kv, key_tiles = (p_.len_kv + kKeys - 1) / kKeys;
     // As in attention_backward_cpu.cpp: with fewer key/value heads than threads, the key tiles of a
     // head are dealt round-robin to `splits` tasks, whose dQ parts are summed in task order.
     const int64_t splits = heads < threads ? clamp64((threads + heads - 1) / heads, 1, max64(key_tiles, 1)) : 1;
     const int64_t part = group_ * p_.len_q * p_.dim_qk;
     Buffer<float> dq_parts(splits > 1 ? heads * splits * part : 0);
-    const int64_t pack_u16 = 2 * len_qp_ * (dk_ + dv_), pack_f32 = (2 + dk_) * len_qp_;
+    const int64_t pack_u16 = 2 * len_qp_ * (dk_ + dv_), pack_f32 = 2 * len_qp_ + dk_ * lddq_;
     for_each_task(heads * splits, threads, [&](auto&& next) {
       configure_tiles();
       Buffer<uint16_t> packs_u16(group_ * pack_u16), rows(len_qp_ * max64(dk_, dv_));
       Buffer<float> packs_f32(group_ * pack_f32);
-      Buffer<uint16_t> k(kBc * dk_), v(kBc * dv_), kt(dk_ * kBc), pt(kBc * len_qp_), dst(kBc * len_qp_),
-          dsv(kBc * len_qp_);
-      Buffer<float> s(kBc * kBr), dp(kBc * kBr), drop(kBc * kBr), dk(kBc * dk_), dv(kBc * dv_), dq_row(dk_);
+      Buffer<uint16_t> k(kKeys * dk_), v(kKeys * dv_), kt(dk_ * kKeys), pt(kKeys * ldw_), dst(kKeys * ldw_),
+          dsv(kKeys * len_qp_);
+      Buffer<float> s(kKeys * kBr), dp(kKeys * kBr), drop(kKeys * kBr), dk(kKeys * dk_), dv(kKeys * dv_), dq_row(dk_);
       for (int64_t item; next(&item);) {
         const int64_t bh = item / splits, split = item % splits, b = bh / p_.heads_kv, hk = bh % p_.heads_kv;
         auto pack_of = [&](int64_t g) {
@@ -421,18 +437,18 @@ class Backward {
                            y, y + len_qp_, y + 2 * len_qp_};
         };
         for (int64_t g = 0; g < group_; ++g) pack(b, hk * group_ + g, pack_of(g), rows.get());
-        for (int64_t j0 = split * kBc; j0 < p_.len_kv; j0 += splits * kBc) {
-          const int64_t n = min64(kBc, p_.len_kv - j0);
+        for (int64_t j0 = split * kKeys; j0 < p_.len_kv; j0 += splits * kKeys) {
+          const int64_t n = min64(kKeys, p_.len_kv - j0);
           const uint16_t* ksrc =
               static_cast<const uint16_t*>(p_.k) + b * p_.k_stride[0] + hk * p_.k_stride[1] + j0 * p_.k_stride[2];
           const uint16_t* vsrc =
               static_cast<const uint16_t*>(p_.v) + b * p_.v_stride[0] + hk * p_.v_stride[1] + j0 * p_.v_stride[2];
-          gather_rows(ksrc, p_.k_stride[2], p_.dim_qk, n, kBc, dk_, k.get());
-          gather_rows(vsrc, p_.v_stride[2], p_.dim_v, n, kBc, dv_, v.get());
+          gather_rows(ksrc, p_.k_stride[2], p_.dim_qk, n, kKeys, dk_, k.get());
+          gather_rows(vsrc, p_.v_stride[2], p_.dim_v, n, kKeys, dv_, v.get());
           for (int64_t e = 0; e < dk_; ++e)
-            for (int64_t jj = 0; jj < kBc; ++jj) kt.get()[e * kBc + jj] = k.get()[jj * dk_ + e];
-          std::memset(dk.get(), 0, sizeof(float) * kBc * dk_);
-          std::memset(dv.get(), 0, sizeof(float) * kBc * dv_);
+            for (int64_t jj = 0; jj < kKeys; ++jj) kt.get()[e * kKeys + jj] = k.get()[jj * dk_ + e];
+          std::memset(dk.get(), 0, sizeof(float) * kKeys * dk_);
+          std::memset(dv.get(), 0, sizeof(float) * kKeys * dv_);
           for (int64_t g = 0; g < group_; ++g) {
             const Tile tile{b, hk * group_ + g, j0, n, k.get(), v.get(), kt.get()};
             const Scratch scratch{s.get(), dp.get(), drop.get(), pt.get(), dst.get(), dsv.get(), dk.get(), dv.get()};
@@ -451,7 +467,7 @@ class Backward {
           const int64_t row0 = (b * p_.heads_q + hk * group_ + g) * p_.len_q;
           for (int64_t i = 0; i < p_.len_q; ++i) {
             float* row = splits > 1 ? dq_parts.get() + item * part + (g * p_.len_q + i) * p_.dim_qk : dq_row.get();
-            for (int64_t e = 0; e < p_.dim_qk; ++e) row[e] = dqt[e * len_qp_ + i];
+            for (int64_t e = 0; e < p_.dim_qk; ++e) row[e] = dqt[e * lddq_ + i];
             if (splits == 1)
               store_bf16(static_cast<uint16_t*>(bp_.dq) + (row0 + i) * p_.dim_qk, row, p_.dim_qk,
                          static_cast<float>(p_.scale));
@@ -512,12 +528,17 @@ class Backward {
         pq.delta[i] = 0;
         continue;
       }
-      float delta = 0;
-      for (int64_t e = 0; e < p_.dim_v; ++e) delta += bf16_value(rows[i * dv_ + e]) * bf16_value(out[i * p_.dim_v + e]);
+      __m512 dot = _mm512_setzero_ps();
+      for (int64_t e = 0; e < p_.dim_v; e += kRows) {
+        const __mmask16 part = p_.dim_v - e >= kRows ? 0xffff : static_cast<__mmask16>((1u << (p_.dim_v - e)) - 1);
+        const __m512 d = widen(_mm256_maskz_loadu_epi16(part, rows + i * dv_ + e));
+        dot = _mm512_fmadd_ps(d, widen(_mm256_maskz_loadu_epi16(part, out + i * p_.dim_v + e)), dot);
+      }
+      const float delta = _mm512_reduce_add_ps(dot);
       pq.lse2[i] = kLog2e * p_.lse[row0 + i];
       pq.delta[i] = delta - (bp_.dlse ? bp_.dlse[row0 + i] : 0.0f);
     }
-    std::memset(pq.dqt, 0, sizeof(float) * dk_ * len_qp_);
+    std::memset(pq.dqt, 0, sizeof(float) * dk_ * lddq_);
   }
 
   // The contributions of query head t.h to key tile t: into the dk, dv accumulators and the
@@ -533,12 +554,12 @@ class Backward {
     for (int64_t kb = 0; kb < width; kb += kDepth) {
       for (int64_t vb = 0; vb < vblocks; vb += 2) {
         const uint16_t* b0 = pq.do_i + (qa / kDepth * vblocks + vb) * kTileElems;
-        quad(x.dv + kb * dv_ + vb * kRows, dv_, true, steps, x.pt + kb * len_qp_ + qa, len_qp_, kDepth, b0,
+        quad(x.dv + kb * dv_ + vb * kRows, dv_, true, steps, x.pt + kb * ldw_ + qa, ldw_, kDepth, b0,
              b0 + kTileElems, vblocks * kTileElems);
       }
       for (int64_t fb = 0; fb < kblocks; fb += 2) {
         const uint16_t* b0 = pq.q_i + (qa / kDepth * kblocks + fb) * kTileElems;
-        quad(x.dk + kb * dk_ + fb * kRows, dk_, true, steps, x.dst + kb * len_qp_ + qa, len_qp_, kDepth, b0,
+        quad(x.dk + kb * dk_ + fb * kRows, dk_, true, steps, x.dst + kb * ldw_ + qa, ldw_, kDepth, b0,
              b0 + kTileElems, kblocks * kTileElems);
       }
     }
@@ -546,7 +567,7 @@ class Backward {
     for (int64_t fb = 0; fb < kblocks; fb += 2) {
       for (int64_t i = qa / kRows; i < qb / kRows; i += 2) {
         const uint16_t* b0 = x.dsv + i * kTileElems;
-        quad(pq.dqt + fb * kRows * len_qp_ + i * kRows, len_qp_, true, width / kDepth, t.kt + fb * kRows * kBc, kBc,
+        quad(pq.dqt + fb * kRows * lddq_ + i * kRows, lddq_, true, width / kDepth, t.kt + fb * kRows * kKeys, kKeys,
              kDepth, b0, b0 + kTileElems, qblocks * kTileElems);
       }
     }
@@ -572,7 +593,8 @@ class Backward {
         for (int64_t i = 0; i < kBr; ++i) x.s[jj * kBr + i] = jj < t.n ? c * x.s[jj * kBr + i] : kMinusInf<float>;
       for (int64_t i = 0; i < count; ++i) at_.mask_scores(band, t.b, t.h, i0 + i, t.j0, t.n, x.s + i, kBr);
     }
-    if (at_.dropout()) {
+    const bool dropout = at_.dropout(), dbias = bp_.dbias != nullptr;
+    if (dropout) {
       for (int64_t e = 0; e < width * kBr; ++e) x.drop[e] = 1;
       for (int64_t i = 0; i < count; ++i) at_.drop(t.b, t.h, i0 + i, t.j0, t.n, x.drop + i, kBr);
     }
@@ -589,15 +611,15 @@ class Backward {
           const __m512 p = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(x.s + e), scale, lse2[half]));
           __m512 dpv = _mm512_loadu_ps(x.dp + e);
           w[half] = p;
-          if (at_.dropout()) {
+          if (dropout) {
             const __m512 z = _mm512_loadu_ps(x.drop + e);
             dpv = _mm512_mul_ps(dpv, z);
             w[half] = _mm512_mul_ps(p, z);
           }
           ds[r][half] = _mm512_mul_ps(p, _mm512_sub_ps(dpv, delta[half]));
-          _mm512_storeu_ps(x.dp + e, ds[r][half]);  // for dbias
+          if (dbias) _mm512_storeu_ps(x.dp + e, ds[r][half]);
         }
-        const int64_t row = (jj + r) * len_qp_ + i0;
+        const int64_t row = (jj + r) * ldw_ + i0;
         _mm512_storeu_si512(x.pt + row, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w[1], w[0])));
         _mm512_storeu_si512(x.dst + row, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ds[r][1], ds[r][0])));
       }
@@ -609,7 +631,7 @@ class Backward {
                             _mm512_permutexvar_epi16(interleave, pair));
       }
     }
-    if (bp_.dbias) {
+    if (dbias) {
       float* db = bp_.dbias + ((t.b * p_.heads_q + t.h) * p_.len_q + i0) * p_.len_kv + t.j0;
       for (int64_t i = 0; i < count; ++i)
         for (int64_t jj = 0; jj < t.n; ++jj) db[i * p_.len_kv + jj] = x.dp[jj * kBr + i];
@@ -619,7 +641,9 @@ class Backward {
   const AttentionBackwardParams& bp_;
   const AttentionParams& p_;
   const Attention<Bf16> at_;
-  int64_t group_, len_qp_, dk_, dv_;
+  // Rows of the weights (ldw_, bfloat16) and of dQ^T (lddq_, float32) are padded by a cache line:
+  // rows 4 KiB apart would share the first-level cache's sets.
+  int64_t group_, len_qp_, ldw_, lddq_, dk_, dv_;
 };
 
 }  // namespace
