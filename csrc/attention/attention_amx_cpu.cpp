@@ -242,6 +242,20 @@ __m512 exp2_16(__m512 x) {
   return _mm512_scalef_ps(poly, n);
 }
 
+// row[j] = c row[j] for lo <= j < hi and -inf elsewhere, j < width (a multiple of 16): a row of
+// scores made base 2 and cut to the band, a vector at a time.
+void scale_in_range(float* row, int64_t width, float c, int64_t lo, int64_t hi) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i first = _mm512_set1_epi32(static_cast<int>(clamp64(lo, 0, width)));
+  const __m512i end = _mm512_set1_epi32(static_cast<int>(clamp64(hi, 0, width)));
+  for (int64_t j = 0; j < width; j += kRows) {
+    const __m512i index = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j)));
+    const __mmask16 keep = _mm512_cmpge_epi32_mask(index, first) & _mm512_cmplt_epi32_mask(index, end);
+    const __m512 scaled = _mm512_mask_mul_ps(splat16(kMinusInf<float>), keep, _mm512_loadu_ps(row + j), splat16(c));
+    _mm512_storeu_ps(row + j, scaled);
+  }
+}
+
 // The running state of a task's queries: reference maximum m and per-lane sums of the weights,
 // as computed (l, for the log-sum-exp) and as rounded to bfloat16 for P V (used, to normalise
 // the output: the weights P V takes then sum to one, and the rounding errors of the weights
@@ -364,9 +378,8 @@ void prefill(const AttentionParams& p, int threads) {
           for (int64_t i = 0; i < count; ++i) {
             float* row = s.get() + i * kBc;
             if (masked) {
-              for (int64_t jj = 0; jj < n; ++jj) row[jj] *= c;
-              for (int64_t jj = n; jj < width; ++jj) row[jj] = kMinusInf<float>;
-              at.mask_scores(band, b, h, i0 + i, j0, n, row, 1);
+              scale_in_range(row, width, c, band.first(i0 + i) - j0, min64(band.end(i0 + i) - j0, n));
+              if (p.mask) at.mask_scores(band, b, h, i0 + i, j0, n, row, 1);
             }
             softmax_row(row, width, masked ? 1.0f : c, st, i, o.get() + i * ldo, ldo, w.get() + i * kBc, at.dropout());
             if (at.dropout()) {
@@ -589,9 +602,14 @@ class Backward {
     const float c = at_.log2_scale();
     const bool masked = p_.mask || t.n < width || !band.covers(i0, i0 + count, t.j0, t.j0 + t.n);
     if (masked) {
-      for (int64_t jj = 0; jj < width; ++jj)
-        for (int64_t i = 0; i < kBr; ++i) x.s[jj * kBr + i] = jj < t.n ? c * x.s[jj * kBr + i] : kMinusInf<float>;
-      for (int64_t i = 0; i < count; ++i) at_.mask_scores(band, t.b, t.h, i0 + i, t.j0, t.n, x.s + i, kBr);
+      for (int64_t jj = 0; jj < width; ++jj) {
+        const int64_t j = t.j0 + jj;
+        scale_in_range(x.s + jj * kBr, kBr, c, jj < t.n ? band.first_query(j) - i0 : 0,
+                       jj < t.n ? band.end_query(j) - i0 : 0);
+      }
+      if (p_.mask) {
+        for (int64_t i = 0; i < count; ++i) at_.mask_scores(band, t.b, t.h, i0 + i, t.j0, t.n, x.s + i, kBr);
+      }
     }
     const bool dropout = at_.dropout(), dbias = bp_.dbias != nullptr;
     if (dropout) {
