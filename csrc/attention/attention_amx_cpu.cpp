@@ -508,14 +508,14 @@ class Backward {
 
  private:
   // A key tile of head (b, hk) seen from query head h: keys [j0, j0 + n) as rows of k and v
-  // (Bc x dk, Bc x dv, zero-padded) and kt = k^T (dk x Bc).
+  // (kKeys x dk, kKeys x dv, zero-padded) and kt = k^T (dk x kKeys).
   struct Tile {
     int64_t b, h, j0, n;
     const uint16_t *k, *v, *kt;
   };
-  // Per-thread buffers: s, dp, drop (Bc x 32 float32: S^T, dP^T, dropout factors of a query
-  // tile); pt, dst (Bc x len_qp bfloat16 rows: Pd^T, dS^T) and dsv (dS^T interleaved by key
-  // pairs); the key tile's dk and dv accumulators.
+  // Per-thread buffers: s, dp, drop (kKeys x 32 float32: S^T, dP^T, dropout factors of a query
+  // tile); pt, dst (kKeys rows of bfloat16, ldw_ apart: Pd^T, dS^T) and dsv (dS^T interleaved by
+  // key pairs); the key tile's dk and dv accumulators.
   struct Scratch {
     float *s, *dp, *drop;
     uint16_t *pt, *dst, *dsv;
