@@ -234,8 +234,9 @@ def check_bfloat16(q, k, v, **kwargs):
 
 def check_bfloat16_gradients(q, k, v, **kwargs):
     """Gradients of bfloat16 attention (through the public op) against the float64 reference:
-    within twice PyTorch's own bfloat16 error where PyTorch takes the arguments, and within two
-    units in the last place of the largest gradient in any case."""
+    within twice PyTorch's own bfloat16 error where PyTorch takes the arguments, or eight units
+    of 2^-8 of the largest gradient, test_attention_backward.py's bound for kernels that round
+    the score gradients to 16 bits (the AMX backward reaches ~4 with head dim 7)."""
     import genkernels
     from genkernels import reference as ops
 
@@ -245,7 +246,7 @@ def check_bfloat16_gradients(q, k, v, **kwargs):
     exact = torch.autograd.grad(ops.scaled_dot_product_attention(*exact_in, **kwargs)[0], exact_in, dout.double())
     inputs = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
     ours = torch.autograd.grad(genkernels.scaled_dot_product_attention(*inputs, **kwargs), inputs, dout.bfloat16())
-    bounds = [2 * 2.0**-8] * 3
+    bounds = [8 * 2.0**-8] * 3
     if not {"window", "causal_alignment"} & kwargs.keys():
         inputs = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
         theirs = torch.autograd.grad(F.scaled_dot_product_attention(*inputs, **kwargs), inputs, dout.bfloat16())
