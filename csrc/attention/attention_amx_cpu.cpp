@@ -73,6 +73,16 @@ __m512i interleave_index() {
                           19, 3, 18, 2, 17, 1, 16, 0);
 }
 
+// Row j of head (b, h) of a (batch, heads, positions, features) bfloat16 tensor.
+const uint16_t* head_row(const void* base, const int64_t* stride, int64_t b, int64_t h, int64_t j) {
+  return static_cast<const uint16_t*>(base) + b * stride[0] + h * stride[1] + j * stride[2];
+}
+
+// The lanes of a vector of 16 that hold elements [e, dim).
+__mmask16 lanes_below(int64_t e, int64_t dim) {
+  return dim - e >= kRows ? 0xffff : static_cast<__mmask16>((1u << (dim - e)) - 1);
+}
+
 // rows[i][0, width) = src row i (ld elements apart) for i < count: zero past dim and from row
 // `valid` on.
 void gather_rows(const uint16_t* src, int64_t ld, int64_t dim, int64_t valid, int64_t count, int64_t width,
@@ -153,13 +163,9 @@ class PackedHead {
     }
     for (; packed_ < upto; packed_ += kBc) {
       const int64_t j0 = packed_, valid = kv_len - j0;
-      const uint16_t* k =
-          static_cast<const uint16_t*>(p_.k) + b * p_.k_stride[0] + hk * p_.k_stride[1] + j0 * p_.k_stride[2];
-      gather_rows(k, p_.k_stride[2], p_.dim_qk, valid, kBc, dk_, rows_.get());
+      gather_rows(head_row(p_.k, p_.k_stride, b, hk, j0), p_.k_stride[2], p_.dim_qk, valid, kBc, dk_, rows_.get());
       pack_transposed(rows_.get(), dk_, kBc, keys_.get() + j0 * dk_);
-      const uint16_t* v =
-          static_cast<const uint16_t*>(p_.v) + b * p_.v_stride[0] + hk * p_.v_stride[1] + j0 * p_.v_stride[2];
-      gather_rows(v, p_.v_stride[2], p_.dim_v, valid, kBc, dv_, rows_.get());
+      gather_rows(head_row(p_.v, p_.v_stride, b, hk, j0), p_.v_stride[2], p_.dim_v, valid, kBc, dv_, rows_.get());
       pack_interleaved(rows_.get(), dv_, kBc, values_.get() + j0 * dv_);
     }
   }
@@ -315,7 +321,7 @@ void round_weights(const float* row, int64_t width, uint16_t* w) {
 void store_bf16(uint16_t* out, const float* src, int64_t dim, float factor) {
   const __m512 f = splat16(factor);
   for (int64_t e = 0; e < dim; e += kRows) {
-    const __mmask16 part = dim - e >= kRows ? 0xffff : static_cast<__mmask16>((1u << (dim - e)) - 1);
+    const __mmask16 part = lanes_below(e, dim);
     const __m256bh x = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(part, src + e), f));
     _mm256_mask_storeu_epi16(out + e, part, reinterpret_cast<__m256i>(x));
   }
@@ -344,20 +350,12 @@ void prefill(const AttentionParams& p, int threads) {
     Buffer<uint16_t> q(kBr * ldq), w(kBr * kBc);
     Buffer<float> s(kBr * kBc), o(kBr * ldo);
     RowState st;
-    std::memset(q.get(), 0, sizeof(uint16_t) * kBr * ldq);
     for (int64_t item; next(&item);) {
       const int64_t b = item / parts / p.heads_q, h = item / parts % p.heads_q, hk = h / at.group();
       const Band band = at.band(b);
       for (int64_t t = tiles - 1 - item % parts; t >= 0; t -= parts) {
         const int64_t i0 = t * kBr, count = min64(kBr, p.len_q - i0);
-        const uint16_t* src =
-            static_cast<const uint16_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
-        for (int64_t i = 0; i < kBr; ++i) {
-          if (i < count)
-            std::memcpy(q.get() + i * ldq, src + i * p.q_stride[2], sizeof(uint16_t) * p.dim_qk);
-          else
-            std::memset(q.get() + i * ldq, 0, sizeof(uint16_t) * ldq);
-        }
+        gather_rows(head_row(p.q, p.q_stride, b, h, i0), p.q_stride[2], p.dim_qk, count, kBr, ldq, q.get());
         // Rows past count take no weights (zero), so their outputs stay finite.
         std::memset(w.get() + count * kBc, 0, sizeof(uint16_t) * (kBr - count) * kBc);
         std::memset(o.get(), 0, sizeof(float) * kBr * ldo);
@@ -452,12 +450,8 @@ class Backward {
         for (int64_t g = 0; g < group_; ++g) pack(b, hk * group_ + g, pack_of(g), rows.get());
         for (int64_t j0 = split * kKeys; j0 < p_.len_kv; j0 += splits * kKeys) {
           const int64_t n = min64(kKeys, p_.len_kv - j0);
-          const uint16_t* ksrc =
-              static_cast<const uint16_t*>(p_.k) + b * p_.k_stride[0] + hk * p_.k_stride[1] + j0 * p_.k_stride[2];
-          const uint16_t* vsrc =
-              static_cast<const uint16_t*>(p_.v) + b * p_.v_stride[0] + hk * p_.v_stride[1] + j0 * p_.v_stride[2];
-          gather_rows(ksrc, p_.k_stride[2], p_.dim_qk, n, kKeys, dk_, k.get());
-          gather_rows(vsrc, p_.v_stride[2], p_.dim_v, n, kKeys, dv_, v.get());
+          gather_rows(head_row(p_.k, p_.k_stride, b, hk, j0), p_.k_stride[2], p_.dim_qk, n, kKeys, dk_, k.get());
+          gather_rows(head_row(p_.v, p_.v_stride, b, hk, j0), p_.v_stride[2], p_.dim_v, n, kKeys, dv_, v.get());
           for (int64_t e = 0; e < dk_; ++e)
             for (int64_t jj = 0; jj < kKeys; ++jj) kt.get()[e * kKeys + jj] = k.get()[jj * dk_ + e];
           std::memset(dk.get(), 0, sizeof(float) * kKeys * dk_);
@@ -526,12 +520,11 @@ class Backward {
   void pack(int64_t b, int64_t h, const QueryPack& pq, uint16_t* rows) const {
     constexpr float kLog2e = 1.4426950408889634074f;
     const int64_t row0 = (b * p_.heads_q + h) * p_.len_q;
-    const uint16_t* q = static_cast<const uint16_t*>(p_.q) + b * p_.q_stride[0] + h * p_.q_stride[1];
-    gather_rows(q, p_.q_stride[2], p_.dim_qk, p_.len_q, len_qp_, dk_, rows);
+    gather_rows(head_row(p_.q, p_.q_stride, b, h, 0), p_.q_stride[2], p_.dim_qk, p_.len_q, len_qp_, dk_, rows);
     pack_transposed(rows, dk_, len_qp_, pq.q_t);
     pack_interleaved(rows, dk_, len_qp_, pq.q_i);
-    const uint16_t* dout = static_cast<const uint16_t*>(bp_.dout) + b * bp_.dout_stride[0] + h * bp_.dout_stride[1];
-    gather_rows(dout, bp_.dout_stride[2], p_.dim_v, p_.len_q, len_qp_, dv_, rows);
+    gather_rows(head_row(bp_.dout, bp_.dout_stride, b, h, 0), bp_.dout_stride[2], p_.dim_v, p_.len_q, len_qp_, dv_,
+                rows);
     pack_transposed(rows, dv_, len_qp_, pq.do_t);
     pack_interleaved(rows, dv_, len_qp_, pq.do_i);
     const uint16_t* out = static_cast<const uint16_t*>(p_.out) + row0 * p_.dim_v;
@@ -543,7 +536,7 @@ class Backward {
       }
       __m512 dot = _mm512_setzero_ps();
       for (int64_t e = 0; e < p_.dim_v; e += kRows) {
-        const __mmask16 part = p_.dim_v - e >= kRows ? 0xffff : static_cast<__mmask16>((1u << (p_.dim_v - e)) - 1);
+        const __mmask16 part = lanes_below(e, p_.dim_v);
         const __m512 d = widen(_mm256_maskz_loadu_epi16(part, rows + i * dv_ + e));
         dot = _mm512_fmadd_ps(d, widen(_mm256_maskz_loadu_epi16(part, out + i * p_.dim_v + e)), dot);
       }
