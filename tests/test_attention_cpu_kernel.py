@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -270,7 +271,7 @@ AMX_CASES = {
 }
 
 
-@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles for bfloat16")
+@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
 @pytest.mark.parametrize("case", list(AMX_CASES))
 def test_bfloat16_on_amx_tiles(case):
     shape, kwargs = AMX_CASES[case]
@@ -288,14 +289,14 @@ AMX_GRADIENT_CASES = {
 }
 
 
-@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles for bfloat16")
+@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
 @pytest.mark.parametrize("case", list(AMX_GRADIENT_CASES))
 def test_bfloat16_gradients_on_amx_tiles(case):
     shape, kwargs = AMX_GRADIENT_CASES[case]
     check_bfloat16_gradients(*qkv(*shape), **kwargs)
 
 
-@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles for bfloat16")
+@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
 def test_bfloat16_gradients_split_over_keys_on_amx_tiles():
     """One key/value head and more threads than heads: the key tiles are dealt to several tasks
     and their dQ parts summed."""
@@ -307,7 +308,7 @@ def test_bfloat16_gradients_split_over_keys_on_amx_tiles():
         torch.set_num_threads(threads)
 
 
-@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles for bfloat16")
+@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
 @pytest.mark.parametrize("kind", ["bool", "float32", "bfloat16"])
 def test_bfloat16_masks_and_strides_on_amx_tiles(kind):
     """Broadcast masks of every kind (with fully masked rows), and queries, keys and values read
@@ -318,6 +319,59 @@ def test_bfloat16_masks_and_strides_on_amx_tiles(kind):
     keep[:, :, 5] = False
     mask = keep if kind == "bool" else (torch.randn(keep.shape) * 3).masked_fill(~keep, -math.inf).to(getattr(torch, kind))
     check_bfloat16(q, k, v, mask=mask)
+
+
+# float32 prefill with 256 keys or more runs on the AMX tiles in three bfloat16 parts: the same
+# features as AMX_CASES at that size, held to the float32 tolerance.
+AMX_FLOAT32_CASES = {
+    "lengths": ((2, 2, 2, 65, 300, 64), {}),
+    "short": ((1, 2, 2, 5, 256, 64), {}),
+    "odd dims": ((1, 2, 2, 33, 297, 7, 33), {}),
+    "dim 1": ((1, 1, 1, 40, 257, 1), {}),
+    "dim 256": ((1, 1, 1, 40, 300, 256), {}),
+    "dims 64, 24": ((1, 2, 2, 70, 264, 64, 24), {}),
+    "groups": ((2, 6, 1, 100, 350, 32), {}),
+    "causal": ((1, 2, 2, 300, 300, 64), dict(window=(-1, 0))),
+    "causal bottom-right": ((2, 2, 2, 70, 333, 40), dict(window=(-1, 0), bottom_right=True)),
+    "window": ((1, 2, 2, 200, 300, 64), dict(window=(20, 5))),
+    "key counts": ((2, 2, 2, 64, 290, 64), dict(kv_lens=torch.tensor([250, 0], dtype=torch.int32))),
+    "large scores": ((1, 2, 2, 70, 300, 64), dict(scale=1.0)),
+    "bool mask": ((2, 3, 3, 70, 260, 48), dict(mask=torch.rand(2, 1, 70, 260) < 0.7)),
+    "float mask": ((2, 3, 3, 70, 260, 48),
+                   dict(mask=torch.randn(70, 260).masked_fill(torch.rand(70, 260) < 0.3, -math.inf))),
+}
+
+
+@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
+@pytest.mark.parametrize("case", list(AMX_FLOAT32_CASES))
+def test_float32_on_amx_tiles(case):
+    shape, kwargs = AMX_FLOAT32_CASES[case]
+    check(*qkv(*shape), **kwargs)
+
+
+@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
+def test_float32_on_amx_tiles_matches_avx512():
+    """Both float32 prefill kernels of an AMX machine agree to float32 rounding, strided inputs
+    included."""
+    q, k, v = (x.transpose(1, 2) for x in (torch.randn(2, n, 3, 40) for n in (90, 400, 400)))
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import test_attention_cpu_kernel as t; "
+        "q, k, v = torch.load(sys.argv[2]); out, lse = t.kernel(q, k, v, window=(-1, 0), bottom_right=True); "
+        "torch.save((out, lse), sys.argv[2])"
+    )
+    results = []
+    for isa in ("amx", "avx512"):
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "qkv.pt")
+            torch.save((q, k, v), path)
+            env = dict(os.environ, GENKERNELS_CPU_ISA=isa)
+            run = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), path], env=env,
+                                 capture_output=True, text=True)
+            assert run.returncode == 0, run.stderr
+            results.append(torch.load(path))
+    (out_amx, lse_amx), (out_avx, lse_avx) = results
+    assert relative_error(out_amx, out_avx.double()) <= 1e-6
+    assert relative_error(lse_amx, lse_avx.double()) <= 1e-6
 
 
 @pytest.mark.parametrize("len_q", [1, 2, 4])
@@ -340,11 +394,12 @@ def test_results_do_not_depend_on_thread_count():
 
 
 @pytest.mark.parametrize("len_q", [3, 40])
-def test_large_scores_do_not_overflow(len_q):
+@pytest.mark.parametrize("len_kv", [90, 300])
+def test_large_scores_do_not_overflow(len_q, len_kv):
     # Scores in the thousands: exp overflows unless the running maximum is subtracted first.
     # Rounding such scores to float32 perturbs the weights by about max|score| ulps.
-    q, k, v = qkv(1, 2, 2, len_q, 90, 32)
-    q, k, mask = q * 30, k * 30, torch.randn(len_q, 90) * 1000
+    q, k, v = qkv(1, 2, 2, len_q, len_kv, 32)
+    q, k, mask = q * 30, k * 30, torch.randn(len_q, len_kv) * 1000
     out, lse = kernel(q, k, v, mask=mask)
     ref_out, ref_lse = reference(q, k, v, mask=mask)
     max_score = (q.double() @ k.double().transpose(-1, -2) / 32**0.5 + mask).abs().max().item()
@@ -354,8 +409,9 @@ def test_large_scores_do_not_overflow(len_q):
 
 
 def test_every_instruction_set():
-    """The baseline, AVX2 and AVX-512 builds (and AVX-512 with AMX tiles) each pass a prefill and a
-    decode case, and bfloat16 forward and backward cases."""
+    """The baseline, AVX2 and AVX-512 builds (and AVX-512 with AMX tiles) each pass prefill cases
+    (float32 with few and many keys, float64), a decode case, and bfloat16 forward and backward
+    cases."""
     script = (
         "import sys, torch; sys.path.insert(0, sys.argv[1]); import test_attention_cpu_kernel as t; "
         "from genkernels import _C; print(_C.cpu_isa()); "
@@ -363,6 +419,7 @@ def test_every_instruction_set():
         "t.check(*t.qkv(2, 4, 2, 70, 133, 40, 24), mask=torch.rand(70, 133) < 0.8, window=(-1, 0), bottom_right=True); "
         "t.check(*t.qkv(1, 4, 2, 3, 1500, 72), kv_lens=torch.tensor([1200], dtype=torch.int32)); "
         "t.check(*t.qkv(1, 2, 2, 65, 80, 19, dtype=torch.float64)); "
+        "t.check(*t.qkv(1, 2, 2, 40, 300, 40), window=(-1, 0)); "
         "t.check_bfloat16(*t.qkv(2, 4, 2, 70, 133, 40, dtype=torch.bfloat16), window=(-1, 0)); "
         "t.check_bfloat16_gradients(*t.qkv(1, 4, 2, 70, 133, 40, 24), is_causal=True)"
     )

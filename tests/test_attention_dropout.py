@@ -4,6 +4,8 @@ that mask."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -47,6 +49,17 @@ def test_matches_reference_with_the_same_mask(backend, len_q, len_kv, causal):
     assert 0.2 < 1 - mask.float().mean().item() < 0.4
     for name, g, e in zip(("out", "dq", "dk", "dv"), got, exact):
         assert rel_error(g.detach().cpu(), e) <= 1e-4, name
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_with_many_keys_on_the_cpu(causal):
+    """256 keys and more: the float32 prefill that runs on the AMX tiles where the CPU has them."""
+    q, k, v = torch.randn(1, 2, 70, 32), torch.randn(1, 2, 300, 32), torch.randn(1, 2, 300, 16)
+    dout = torch.randn(1, 2, 70, 16)
+    seed = int(torch.randint(0, 2**31, ()))
+    got, exact, _ = run_with_mask(SimpleNamespace(device=torch.device("cpu")), torch.float32, q, k, v, dout, 0.3, seed, is_causal=causal)
+    for name, g, e in zip(("out", "dq", "dk", "dv"), got, exact):
+        assert rel_error(g.detach(), e) <= 1e-4, name
 
 
 def test_low_precision(backend):

@@ -83,8 +83,8 @@ void attention_forward(const AttentionParams&, const CpuExec&);
 void attention_forward(const AttentionParams&, const CudaExec&);
 #if defined(GK_HAVE_AMX)
 namespace avx512 {
-// bfloat16 on AMX tiles (attention_amx_cpu.cpp), for cpu_isa() == Isa::amx: the prefill
-// forward and the backward.
+// AMX tiles (attention_amx_cpu.cpp), for cpu_isa() == Isa::amx: the prefill forward of bfloat16
+// and float32, and the bfloat16 backward.
 void attention_forward_amx(const AttentionParams&, int threads);
 void attention_backward_amx(const AttentionBackwardParams&, int threads);
 }  // namespace avx512

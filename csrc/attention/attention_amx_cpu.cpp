@@ -1,5 +1,6 @@
-// CPU attention for bfloat16 on Intel AMX (Advanced Matrix Extensions), forward and backward.
-// Part of the AVX-512 build only (CMakeLists.txt), run where cpu_isa() is Isa::amx.
+// CPU attention on Intel AMX (Advanced Matrix Extensions): bfloat16 forward and backward, and
+// the float32 forward in three bfloat16 parts. Part of the AVX-512 build only (CMakeLists.txt),
+// run where cpu_isa() is Isa::amx.
 //
 // Forward. The algorithm is attention_cpu.cpp's prefill: FlashAttention's online softmax in
 // base 2, tile by tile, key tiles outside the band never visited. Here both products of a tile
@@ -18,6 +19,9 @@
 // O stays in float32 in memory between tiles, as the rescaling needs it there. A task is a head's
 // query tiles (or every few of them when heads are few), and its thread packs the head's keys
 // and values as far as the tiles reach: O(len_kv x dims) per thread, never O(len_q x len_kv).
+// float32 takes the same path with Q, K, V and P each in three bfloat16 parts and six part
+// products in place of each product (see "float32 in three parts"); P is not rounded then, and
+// the output is divided by l itself.
 //
 // Backward. attention_backward_cpu.cpp's algorithm (FlashAttention-2, weights recomputed from the
 // saved log-sum-exp) with a task per key/value head and its group, key tiles of 128 outer,
@@ -73,9 +77,11 @@ __m512i interleave_index() {
                           19, 3, 18, 2, 17, 1, 16, 0);
 }
 
-// Row j of head (b, h) of a (batch, heads, positions, features) bfloat16 tensor.
-const uint16_t* head_row(const void* base, const int64_t* stride, int64_t b, int64_t h, int64_t j) {
-  return static_cast<const uint16_t*>(base) + b * stride[0] + h * stride[1] + j * stride[2];
+// Row j of head (b, h) of a (batch, heads, positions, features) tensor of E (bfloat16 bits or
+// float).
+template <class E = uint16_t>
+const E* head_row(const void* base, const int64_t* stride, int64_t b, int64_t h, int64_t j) {
+  return static_cast<const E*>(base) + b * stride[0] + h * stride[1] + j * stride[2];
 }
 
 // The lanes of a vector of 16 that hold elements [e, dim).
@@ -93,6 +99,77 @@ void gather_rows(const uint16_t* src, int64_t ld, int64_t dim, int64_t valid, in
     if (n) std::memcpy(row, src + i * ld, sizeof(uint16_t) * n);
     std::memset(row + n, 0, sizeof(uint16_t) * (width - n));
   }
+}
+
+// ---------------------------------------------------------------- float32 in three parts
+// float32 runs on the same tiles split into three bfloat16 parts, x = x1 + x2 + x3 (each part the
+// rounding of what the ones before leave: exact for normal numbers), and a product x . y sums the
+// six part products down to float32's precision, x1 y1 + x1 y2 + x2 y1 + x1 y3 + x3 y1 + x2 y2
+// (the three left out are below 2^-24 |x||y|): the "bf16_6x" scheme of float32 matrix products
+// on bfloat16 units. Every part product is exact and accumulates in float32. The products go in
+// an order where each shares a part with the one before (14 tile loads for 6 products, not 24).
+template <class E>
+constexpr int kParts = std::is_same_v<E, float> ? 3 : 1;
+
+// Which parts of A and B each product of a sum takes, and how far apart the parts lie.
+struct Pair {
+  int a, b;
+};
+constexpr Pair kWholePair[1] = {{0, 0}};
+constexpr Pair kSixPairs[6] = {{0, 2}, {0, 1}, {1, 1}, {1, 0}, {0, 0}, {2, 0}};
+struct Parts {
+  const Pair* pairs;
+  int count;
+  int64_t a_part, b_part;  // elements from one part of A (of B) to the next
+};
+constexpr Parts kWhole{kWholePair, 1, 0, 0};
+
+template <class E>
+Parts parts_of(int64_t a_part, int64_t b_part) {
+  if constexpr (kParts<E> == 1) return kWhole;
+  return Parts{kSixPairs, 6, a_part, b_part};
+}
+
+// x as a float, for 16 bfloat16 values.
+__m512 widen_bf16(__m256i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16)); }
+
+// part[k * plane, + 16) = the k-th bfloat16 part of 16 floats x, k < P.
+template <int P>
+void store_parts(__m512 x, uint16_t* part, int64_t plane) {
+  for (int k = 0; k < P; ++k) {
+    const __m256i rounded = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(part + k * plane), rounded);
+    if (k + 1 < P) x = _mm512_sub_ps(x, widen_bf16(rounded));
+  }
+}
+
+// w[k * plane, + 32) = the k-th of three bfloat16 parts of 32 weights (x0: the first 16, x1: the
+// next), by truncation: each part is the top half of what the ones before leave, so the parts
+// sum to the weights exactly, with a quarter of the instructions of rounding.
+void store_weight_parts(__m512 x0, __m512 x1, uint16_t* w, int64_t plane) {
+  const __m512 top = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+  const __m512i high_halves = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29,
+                                               27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  for (int k = 0; k < 3; ++k) {
+    const __m512i parts = _mm512_permutex2var_epi16(_mm512_castps_si512(x0), high_halves, _mm512_castps_si512(x1));
+    _mm512_storeu_si512(w + k * plane, parts);
+    x0 = _mm512_sub_ps(x0, _mm512_and_ps(x0, top));
+    x1 = _mm512_sub_ps(x1, _mm512_and_ps(x1, top));
+  }
+}
+
+// The float32 form of gather_rows: the rows in three parts, `plane` elements apart.
+void gather_rows(const float* src, int64_t ld, int64_t dim, int64_t valid, int64_t count, int64_t width,
+                 uint16_t* rows, int64_t plane) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t n = i < valid ? dim : 0;
+    for (int64_t e = 0; e < width; e += kRows)
+      store_parts<3>(_mm512_maskz_loadu_ps(e < n ? lanes_below(e, n) : 0, src + i * ld + e), rows + i * width + e, plane);
+  }
+}
+void gather_rows(const uint16_t* src, int64_t ld, int64_t dim, int64_t valid, int64_t count, int64_t width,
+                 uint16_t* rows, int64_t) {
+  gather_rows(src, ld, dim, valid, count, width, rows);
 }
 
 // The two B forms of `count` rows of `width` features (rows zero-padded, width a multiple of 32):
@@ -132,18 +209,23 @@ void pack_interleaved(const uint16_t* rows, int64_t width, int64_t count, uint16
     }
 }
 
-// The keys and values of one key/value head in their B forms (keys transposed, values
-// interleaved), packed on demand up to a key. Features beyond the head dims and keys beyond
-// kv_len are zero.
+// The keys and values (of E) of one key/value head in their B forms (keys transposed, values
+// interleaved), each of their kParts<E> parts, packed on demand up to a key. Features beyond the
+// head dims and keys beyond kv_len are zero.
+template <class E>
 class PackedHead {
  public:
   PackedHead(const AttentionParams& p)
       : p_(p),
         dk_(round_up(p.dim_qk, kDepth)),
         dv_(round_up(p.dim_v, kDepth)),
-        keys_(round_up(p.len_kv, kBc) * dk_),
-        values_(round_up(p.len_kv, kBc) * dv_),
-        rows_(kBc * max64(dk_, dv_)) {}
+        len_(round_up(p.len_kv, kBc)),
+        keys_(kParts<E> * key_part()),
+        values_(kParts<E> * value_part()),
+        rows_(kParts<E> * row_part()) {}
+
+  int64_t key_part() const { return len_ * dk_; }  // elements from one part of the keys to the next
+  int64_t value_part() const { return len_ * dv_; }
 
   int64_t chunks() const { return dk_ / kDepth; }  // feature chunks of the keys
   int64_t blocks() const { return dv_ / kRows; }   // feature blocks of the values, an even number
@@ -161,18 +243,25 @@ class PackedHead {
       hk_ = hk;
       packed_ = 0;
     }
+    const int64_t plane = row_part();
     for (; packed_ < upto; packed_ += kBc) {
       const int64_t j0 = packed_, valid = kv_len - j0;
-      gather_rows(head_row(p_.k, p_.k_stride, b, hk, j0), p_.k_stride[2], p_.dim_qk, valid, kBc, dk_, rows_.get());
-      pack_transposed(rows_.get(), dk_, kBc, keys_.get() + j0 * dk_);
-      gather_rows(head_row(p_.v, p_.v_stride, b, hk, j0), p_.v_stride[2], p_.dim_v, valid, kBc, dv_, rows_.get());
-      pack_interleaved(rows_.get(), dv_, kBc, values_.get() + j0 * dv_);
+      gather_rows(head_row<E>(p_.k, p_.k_stride, b, hk, j0), p_.k_stride[2], p_.dim_qk, valid, kBc, dk_, rows_.get(),
+                  plane);
+      for (int k = 0; k < kParts<E>; ++k)
+        pack_transposed(rows_.get() + k * plane, dk_, kBc, keys_.get() + k * key_part() + j0 * dk_);
+      gather_rows(head_row<E>(p_.v, p_.v_stride, b, hk, j0), p_.v_stride[2], p_.dim_v, valid, kBc, dv_, rows_.get(),
+                  plane);
+      for (int k = 0; k < kParts<E>; ++k)
+        pack_interleaved(rows_.get() + k * plane, dv_, kBc, values_.get() + k * value_part() + j0 * dv_);
     }
   }
 
  private:
+  int64_t row_part() const { return kBc * max64(dk_, dv_); }
+
   const AttentionParams& p_;
-  int64_t dk_, dv_;
+  int64_t dk_, dv_, len_;
   Buffer<uint16_t> keys_, values_, rows_;
   int64_t b_ = -1, hk_ = -1, packed_ = 0;
 };
@@ -180,10 +269,11 @@ class PackedHead {
 // ---------------------------------------------------------------- the micro-kernel
 // A 32 x 32 block of C (float32, ldc apart: tiles at c, c + 16, c + 16 ldc, c + 16 ldc + 16)
 // (+)= sum over `steps` of A (rows 0-15 at a, 16-31 at a + 16 lda; a_step apart) times the B
-// tiles b0 (columns 0-15) and b1 (16-31), b_step apart. Four independent products a step: tiles
-// are not renamed, so a product waits for the last one into its tile.
+// tiles b0 (columns 0-15) and b1 (16-31), b_step apart; for each pair of parts of `parts`. Four
+// independent products a step: tiles are not renamed, so a product waits for the last one into
+// its tile.
 void quad(float* c, int64_t ldc, bool accumulate, int64_t steps, const uint16_t* a, int64_t lda, int64_t a_step,
-          const uint16_t* b0, const uint16_t* b1, int64_t b_step) {
+          const uint16_t* b0, const uint16_t* b1, int64_t b_step, const Parts& parts = kWhole) {
   float* c1 = c + kRows * ldc;
   if (accumulate) {
     _tile_loadd(0, c, 4 * ldc);
@@ -197,14 +287,28 @@ void quad(float* c, int64_t ldc, bool accumulate, int64_t steps, const uint16_t*
     _tile_zero(3);
   }
   for (int64_t t = 0; t < steps; ++t) {
-    _tile_loadd(4, a + t * a_step, 2 * lda);
-    _tile_loadd(5, a + kRows * lda + t * a_step, 2 * lda);
-    _tile_loadd(6, b0 + t * b_step, 2 * kDepth);
-    _tile_loadd(7, b1 + t * b_step, 2 * kDepth);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    // A tile load costs several products (about 58 cycles against 16, measured): a part already
+    // in the tiles is not loaded again.
+    int a_in = -1, b_in = -1;
+    for (int k = 0; k < parts.count; ++k) {
+      const Pair pair = parts.pairs[k];
+      if (pair.a != a_in) {
+        const uint16_t* ak = a + pair.a * parts.a_part + t * a_step;
+        _tile_loadd(4, ak, 2 * lda);
+        _tile_loadd(5, ak + kRows * lda, 2 * lda);
+        a_in = pair.a;
+      }
+      if (pair.b != b_in) {
+        const int64_t bk = pair.b * parts.b_part + t * b_step;
+        _tile_loadd(6, b0 + bk, 2 * kDepth);
+        _tile_loadd(7, b1 + bk, 2 * kDepth);
+        b_in = pair.b;
+      }
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
   }
   _tile_stored(0, c, 4 * ldc);
   _tile_stored(1, c + kRows, 4 * ldc);
@@ -212,19 +316,24 @@ void quad(float* c, int64_t ldc, bool accumulate, int64_t steps, const uint16_t*
   _tile_stored(3, c1 + kRows, 4 * ldc);
 }
 
-// s[i][jj] = q_i . k_(j0 + jj) for the 32 queries of q (ldq elements apart) and `count` keys
-// from j0 (a multiple of 32), count <= Bc; s's rows are Bc apart.
-void tile_scores(const uint16_t* q, int64_t ldq, const PackedHead& kv, int64_t j0, int64_t count, float* s) {
+// s[i][jj] = q_i . k_(j0 + jj) for the 32 queries of q (ldq elements apart, parts 32 ldq apart)
+// and `count` keys from j0 (a multiple of 32), count <= Bc; s's rows are Bc apart.
+template <class E>
+void tile_scores(const uint16_t* q, int64_t ldq, const PackedHead<E>& kv, int64_t j0, int64_t count, float* s) {
+  const Parts parts = parts_of<E>(kBr * ldq, kv.key_part());
   for (int64_t jc = 0; jc < count; jc += kDepth)
-    quad(s + jc, kBc, false, kv.chunks(), q, ldq, kDepth, kv.keys(j0 + jc, 0), kv.keys(j0 + jc + kRows, 0), kTileElems);
+    quad(s + jc, kBc, false, kv.chunks(), q, ldq, kDepth, kv.keys(j0 + jc, 0), kv.keys(j0 + jc + kRows, 0), kTileElems,
+         parts);
 }
 
-// o[i] += sum_jj p[i][jj] v_(j0 + jj) for the 32 rows of p (bfloat16, Bc apart) over `count` keys
-// from j0, count a multiple of 32 up to Bc; o's rows are ldo apart.
-void tile_values(const uint16_t* p, const PackedHead& kv, int64_t j0, int64_t count, float* o, int64_t ldo) {
+// o[i] += sum_jj p[i][jj] v_(j0 + jj) for the 32 rows of p (bfloat16, Bc apart, parts 32 Bc
+// apart) over `count` keys from j0, count a multiple of 32 up to Bc; o's rows are ldo apart.
+template <class E>
+void tile_values(const uint16_t* p, const PackedHead<E>& kv, int64_t j0, int64_t count, float* o, int64_t ldo) {
+  const Parts parts = parts_of<E>(kBr * kBc, kv.value_part());
   for (int64_t vb = 0; vb < kv.blocks(); vb += 2)
     quad(o + vb * kRows, ldo, true, count / kDepth, p, kBc, kDepth, kv.values(j0, vb), kv.values(j0, vb + 1),
-         kv.blocks() * kTileElems);
+         kv.blocks() * kTileElems, parts);
 }
 
 // ---------------------------------------------------------------- softmax
@@ -237,15 +346,18 @@ constexpr float kSlack = 8;
 __m512 splat16(float x) { return _mm512_set1_ps(x); }
 
 // 2^x for x <= kSlack (and -inf): x = n + f, n = rint(x), 2^f by attention_cpu_tiles.h's
-// polynomial, scaled by 2^n in one instruction. Below -150 the result rounds to exactly 0.
+// polynomial, scaled by 2^n in one instruction. Below -126 the result is 0, as in exp2v: a
+// subnormal result would cost a microcode assist (masked keys, at -inf, made causal tiles 1.5x
+// slower).
 __m512 exp2_16(__m512 x) {
-  x = _mm512_max_ps(x, splat16(-150.0f));
+  const __mmask16 normal = _mm512_cmp_ps_mask(x, splat16(-126.0f), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, splat16(-126.0f));
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   __m512 poly = splat16(Exp2Poly<float>::kCoef[0]);
   for (size_t k = 1; k < sizeof Exp2Poly<float>::kCoef / sizeof(float); ++k)
     poly = _mm512_fmadd_ps(poly, f, splat16(Exp2Poly<float>::kCoef[k]));
-  return _mm512_scalef_ps(poly, n);
+  return _mm512_maskz_scalef_ps(normal, poly, n);
 }
 
 // row[j] = c row[j] for lo <= j < hi and -inf elsewhere, j < width (a multiple of 16): a row of
@@ -265,7 +377,7 @@ void scale_in_range(float* row, int64_t width, float c, int64_t lo, int64_t hi) 
 // The running state of a task's queries: reference maximum m and per-lane sums of the weights,
 // as computed (l, for the log-sum-exp) and as rounded to bfloat16 for P V (used, to normalise
 // the output: the weights P V takes then sum to one, and the rounding errors of the weights
-// largely cancel in out = P V / used).
+// largely cancel in out = P V / used). In three parts the weights are exact: used is l.
 struct RowState {
   float m[kBr];
   __m512 l[kBr], used[kBr];
@@ -273,18 +385,24 @@ struct RowState {
 
 // Folds the scores of query r in one key tile, u_j = c row[j] for j < width (a multiple of 32),
 // into its state, rescaling its output row o (ldo floats, a multiple of 16) when m moves. The
-// weights p_j = 2^(u_j - m) go to w rounded to bfloat16, or, with `keep`, over row in float32.
+// weights p_j = 2^(u_j - m) go to w in P bfloat16 parts (plane elements apart), or, with `keep`,
+// over row in float32.
+template <int P>
 void softmax_row(float* row, int64_t width, float c, RowState& st, int64_t r, float* o, int64_t ldo, uint16_t* w,
-                 bool keep) {
+                 int64_t plane, bool keep) {
   __m512 mx = _mm512_loadu_ps(row);
   for (int64_t j = kRows; j < width; j += kRows) mx = _mm512_max_ps(mx, _mm512_loadu_ps(row + j));
   const __m512 u = _mm512_mul_ps(mx, splat16(c));
   if (_mm512_cmp_ps_mask(u, splat16(st.m[r] + kSlack), _CMP_GT_OQ)) {
     const float m_new = _mm512_reduce_max_ps(u);
-    const __m512 a = exp2_16(splat16(st.m[r] - m_new));  // 0 while m is -inf
-    st.l[r] = _mm512_mul_ps(st.l[r], a);
-    st.used[r] = _mm512_mul_ps(st.used[r], a);
-    for (int64_t e = 0; e < ldo; e += kRows) _mm512_storeu_ps(o + e, _mm512_mul_ps(_mm512_loadu_ps(o + e), a));
+    // While m is -inf, l, used and o are still zero: nothing to rescale (reading o back from the
+    // tiles' stores would stall).
+    if (st.m[r] != kMinusInf<float>) {
+      const __m512 a = exp2_16(splat16(st.m[r] - m_new));
+      st.l[r] = _mm512_mul_ps(st.l[r], a);
+      st.used[r] = _mm512_mul_ps(st.used[r], a);
+      for (int64_t e = 0; e < ldo; e += kRows) _mm512_storeu_ps(o + e, _mm512_mul_ps(_mm512_loadu_ps(o + e), a));
+    }
     st.m[r] = m_new;
   }
   // A query with no allowed key so far keeps m = -inf; measuring from 0 then gives p = 0.
@@ -294,25 +412,34 @@ void softmax_row(float* row, int64_t width, float c, RowState& st, int64_t r, fl
   for (int64_t j = 0; j < width; j += kDepth) {
     const __m512 p0 = exp2_16(_mm512_fmadd_ps(_mm512_loadu_ps(row + j), scale, shift));
     const __m512 p1 = exp2_16(_mm512_fmadd_ps(_mm512_loadu_ps(row + j + kRows), scale, shift));
-    const __m512i rounded = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(p1, p0));
     sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
-    used = _mm512_dpbf16_ps(used, reinterpret_cast<__m512bh>(rounded), ones);  // pairs of them, times one
+    if constexpr (P == 1) {
+      const __m512i rounded = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(p1, p0));
+      used = _mm512_dpbf16_ps(used, reinterpret_cast<__m512bh>(rounded), ones);  // pairs of them, times one
+      if (!keep) _mm512_storeu_si512(w + j, rounded);
+    } else if (!keep) {
+      store_weight_parts(p0, p1, w + j, plane);
+    }
     if (keep) {
       _mm512_storeu_ps(row + j, p0);
       _mm512_storeu_ps(row + j + kRows, p1);
-    } else {
-      _mm512_storeu_si512(w + j, rounded);
     }
   }
   st.l[r] = _mm512_add_ps(st.l[r], sum);
   st.used[r] = _mm512_add_ps(st.used[r], used);
 }
 
-// w[0, width) = row[0, width) rounded to bfloat16, width a multiple of 32.
-void round_weights(const float* row, int64_t width, uint16_t* w) {
+// w[0, width) = row[0, width) in P bfloat16 parts (plane elements apart), width a multiple of
+// 32.
+template <int P>
+void round_weights(const float* row, int64_t width, uint16_t* w, int64_t plane) {
   for (int64_t j = 0; j < width; j += kDepth) {
-    const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + j + kRows), _mm512_loadu_ps(row + j));
-    _mm512_storeu_si512(w + j, reinterpret_cast<__m512i>(pair));
+    if constexpr (P == 1) {
+      const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + j + kRows), _mm512_loadu_ps(row + j));
+      _mm512_storeu_si512(w + j, reinterpret_cast<__m512i>(pair));
+    } else {
+      store_weight_parts(_mm512_loadu_ps(row + j), _mm512_loadu_ps(row + j + kRows), w + j, plane);
+    }
   }
 }
 
@@ -327,16 +454,32 @@ void store_bf16(uint16_t* out, const float* src, int64_t dim, float factor) {
   }
 }
 
-// out(row) = o / used and the log-sum-exp of m and l; zeros for a query with no key.
+// out[0, dim) = factor * src.
+void store_f32(float* out, const float* src, int64_t dim, float factor) {
+  for (int64_t e = 0; e < dim; e += kRows) {
+    const __mmask16 part = lanes_below(e, dim);
+    _mm512_mask_storeu_ps(out + e, part, _mm512_mul_ps(_mm512_maskz_loadu_ps(part, src + e), splat16(factor)));
+  }
+}
+
+// out(row) = o / used (out of E) and the log-sum-exp of m and l; zeros for a query with no key.
+template <class E>
 void write_row(const AttentionParams& p, int64_t row, const float* o, float m, __m512 l_lanes, __m512 used_lanes) {
-  const float l = _mm512_reduce_add_ps(l_lanes), used = _mm512_reduce_add_ps(used_lanes);
-  store_bf16(static_cast<uint16_t*>(p.out) + row * p.dim_v, o, p.dim_v, used > 0 ? 1 / used : 0);
+  const float l = _mm512_reduce_add_ps(l_lanes), used = kParts<E> == 1 ? _mm512_reduce_add_ps(used_lanes) : l;
+  const float factor = used > 0 ? 1 / used : 0;
+  if constexpr (kParts<E> == 1)
+    store_bf16(static_cast<uint16_t*>(p.out) + row * p.dim_v, o, p.dim_v, factor);
+  else
+    store_f32(static_cast<float*>(p.out) + row * p.dim_v, o, p.dim_v, factor);
   if (p.lse) p.lse[row] = l > 0 ? static_cast<float>(0.69314718055994531 * m + log_of(l)) : 0.0f;
 }
 
 // ---------------------------------------------------------------- forward
+// E: the elements of q, k, v and out, bfloat16 bits or float.
+template <class E>
 void prefill(const AttentionParams& p, int threads) {
-  const Attention<Bf16> at(p);
+  constexpr int P = kParts<E>;
+  const Attention<std::conditional_t<P == 1, Bf16, float>> at(p);
   const int64_t ldq = round_up(p.dim_qk, kDepth), ldo = round_up(p.dim_v, kDepth);
   const int64_t tiles = (p.len_q + kBr - 1) / kBr, heads = p.batch * p.heads_q;
   // A task is every parts-th query tile of a head (from the last, the longest under a causal
@@ -346,8 +489,9 @@ void prefill(const AttentionParams& p, int threads) {
   const float c = at.log2_scale();
   for_each_task(heads * parts, threads, [&](auto&& next) {
     configure_tiles();
-    PackedHead kv(p);
-    Buffer<uint16_t> q(kBr * ldq), w(kBr * kBc);
+    PackedHead<E> kv(p);
+    const int64_t q_part = kBr * ldq, w_part = kBr * kBc;
+    Buffer<uint16_t> q(P * q_part), w(P * w_part);
     Buffer<float> s(kBr * kBc), o(kBr * ldo);
     RowState st;
     for (int64_t item; next(&item);) {
@@ -355,9 +499,10 @@ void prefill(const AttentionParams& p, int threads) {
       const Band band = at.band(b);
       for (int64_t t = tiles - 1 - item % parts; t >= 0; t -= parts) {
         const int64_t i0 = t * kBr, count = min64(kBr, p.len_q - i0);
-        gather_rows(head_row(p.q, p.q_stride, b, h, i0), p.q_stride[2], p.dim_qk, count, kBr, ldq, q.get());
+        gather_rows(head_row<E>(p.q, p.q_stride, b, h, i0), p.q_stride[2], p.dim_qk, count, kBr, ldq, q.get(), q_part);
         // Rows past count take no weights (zero), so their outputs stay finite.
-        std::memset(w.get() + count * kBc, 0, sizeof(uint16_t) * (kBr - count) * kBc);
+        for (int k = 0; k < P; ++k)
+          std::memset(w.get() + k * w_part + count * kBc, 0, sizeof(uint16_t) * (kBr - count) * kBc);
         std::memset(o.get(), 0, sizeof(float) * kBr * ldo);
         for (int64_t i = 0; i < kBr; ++i) {
           st.m[i] = kMinusInf<float>;
@@ -379,16 +524,17 @@ void prefill(const AttentionParams& p, int threads) {
               scale_in_range(row, width, c, band.first(i0 + i) - j0, min64(band.end(i0 + i) - j0, n));
               if (p.mask) at.mask_scores(band, b, h, i0 + i, j0, n, row, 1);
             }
-            softmax_row(row, width, masked ? 1.0f : c, st, i, o.get() + i * ldo, ldo, w.get() + i * kBc, at.dropout());
+            softmax_row<P>(row, width, masked ? 1.0f : c, st, i, o.get() + i * ldo, ldo, w.get() + i * kBc, w_part,
+                           at.dropout());
             if (at.dropout()) {
               at.drop(b, h, i0 + i, j0, n, row, 1);
-              round_weights(row, width, w.get() + i * kBc);
+              round_weights<P>(row, width, w.get() + i * kBc, w_part);
             }
           }
           tile_values(w.get(), kv, j0, width, o.get(), ldo);
         }
         for (int64_t i = 0; i < count; ++i)
-          write_row(p, (b * p.heads_q + h) * p.len_q + i0 + i, o.get() + i * ldo, st.m[i], st.l[i], st.used[i]);
+          write_row<E>(p, (b * p.heads_q + h) * p.len_q + i0 + i, o.get() + i * ldo, st.m[i], st.l[i], st.used[i]);
       }
     }
     _tile_release();
@@ -659,7 +805,10 @@ class Backward {
 
 }  // namespace
 
-void attention_forward_amx(const AttentionParams& p, int threads) { prefill(p, threads); }
+void attention_forward_amx(const AttentionParams& p, int threads) {
+  if (p.dtype == DType::f32) return prefill<float>(p, threads);
+  prefill<uint16_t>(p, threads);
+}
 void attention_backward_amx(const AttentionBackwardParams& bp, int threads) { Backward(bp).run(threads); }
 
 }  // namespace GK_ISA
