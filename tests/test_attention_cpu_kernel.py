@@ -349,6 +349,57 @@ def test_float32_on_amx_tiles(case):
     check(*qkv(*shape), **kwargs)
 
 
+def check_float32_gradients(q, k, v, mask=None, **kwargs):
+    """Gradients of float32 attention (through the public op, a float mask's included) within
+    1e-4 of the largest float64 gradient."""
+    import genkernels
+    from genkernels import reference as ops
+
+    dout = torch.randn(q.shape[:-1] + v.shape[-1:])
+    kwargs = dict(kwargs, enable_gqa=q.shape[1] != k.shape[1])
+    tensors = (q, k, v) if mask is None or mask.dtype == torch.bool else (q, k, v, mask)
+    exact_in = [t.double().requires_grad_() for t in tensors]
+    exact_mask = exact_in[3] if len(tensors) == 4 else mask
+    exact_out = ops.scaled_dot_product_attention(*exact_in[:3], attn_mask=exact_mask, **kwargs)[0]
+    exact = torch.autograd.grad(exact_out, exact_in, dout.double())
+    inputs = [t.detach().clone().requires_grad_() for t in tensors]
+    out = genkernels.scaled_dot_product_attention(*inputs[:3], attn_mask=inputs[3] if len(tensors) == 4 else mask,
+                                                  **kwargs)
+    ours = torch.autograd.grad(out, inputs, dout)
+    for name, g, e in zip(["q", "k", "v", "mask"], ours, exact):
+        assert g.dtype == torch.float32 and relative_error(g, e) <= 1e-4, name
+
+
+# The float32 backward on the tiles (256 keys or more), as AMX_GRADIENT_CASES for bfloat16.
+AMX_FLOAT32_GRADIENT_CASES = {
+    "lengths": ((2, 2, 2, 65, 300, 64), {}),
+    "odd dims": ((1, 2, 2, 33, 297, 7, 33), {}),
+    "dim 256": ((1, 1, 1, 40, 270, 256), {}),
+    "groups, causal": ((2, 6, 2, 300, 300, 32), dict(is_causal=True)),
+    "bottom-right": ((1, 2, 2, 30, 300, 48), dict(is_causal=True, causal_alignment="bottom_right")),
+    "window": ((1, 2, 2, 300, 300, 64, 40), dict(window=(20, 5))),
+    "bool mask": ((1, 2, 2, 70, 290, 64), dict(mask=torch.rand(70, 290) < 0.7)),
+    "float mask": ((1, 2, 2, 70, 290, 64), dict(mask=torch.randn(2, 70, 290))),
+}
+
+
+@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
+@pytest.mark.parametrize("case", list(AMX_FLOAT32_GRADIENT_CASES))
+def test_float32_gradients_on_amx_tiles(case):
+    shape, kwargs = AMX_FLOAT32_GRADIENT_CASES[case]
+    check_float32_gradients(*qkv(*shape), **kwargs)
+
+
+@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
+def test_float32_gradients_split_over_keys_on_amx_tiles():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        check_float32_gradients(*qkv(1, 3, 1, 90, 600, 64), is_causal=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
 def test_float32_on_amx_tiles_matches_avx512():
     """Both float32 prefill kernels of an AMX machine agree to float32 rounding, strided inputs

@@ -83,8 +83,13 @@ void attention_forward(const AttentionParams&, const CpuExec&);
 void attention_forward(const AttentionParams&, const CudaExec&);
 #if defined(GK_HAVE_AMX)
 namespace avx512 {
-// AMX tiles (attention_amx_cpu.cpp), for cpu_isa() == Isa::amx: the prefill forward of bfloat16
-// and float32, and the bfloat16 backward.
+// AMX tiles (attention_amx_cpu.cpp), for cpu_isa() == Isa::amx: the prefill forward and the
+// backward of bfloat16, and of float32 with at least kAmxMinKeysFloat32 keys. float32 pays six
+// tile products a product and the splitting of its operands; below that the AVX-512 kernels win
+// (2 threads, B4 E64, 50 GFLOP: forward with 128 keys 117 ms on the tiles against 92, with 256
+// keys 58 against 70; backward with 128 keys 178 against 180, causal 181 against 159; with 256
+// keys 127 against 143, causal 108 against 106).
+constexpr int64_t kAmxMinKeysFloat32 = 256;
 void attention_forward_amx(const AttentionParams&, int threads);
 void attention_backward_amx(const AttentionBackwardParams&, int threads);
 }  // namespace avx512

@@ -1,6 +1,6 @@
-// CPU attention on Intel AMX (Advanced Matrix Extensions): bfloat16 forward and backward, and
-// the float32 forward in three bfloat16 parts. Part of the AVX-512 build only (CMakeLists.txt),
-// run where cpu_isa() is Isa::amx.
+// CPU attention on Intel AMX (Advanced Matrix Extensions), forward and backward, for bfloat16 and
+// for float32 in three bfloat16 parts. Part of the AVX-512 build only (CMakeLists.txt), run where
+// cpu_isa() is Isa::amx.
 //
 // Forward. The algorithm is attention_cpu.cpp's prefill: FlashAttention's online softmax in
 // base 2, tile by tile, key tiles outside the band never visited. Here both products of a tile
@@ -25,19 +25,20 @@
 //
 // Backward. attention_backward_cpu.cpp's algorithm (FlashAttention-2, weights recomputed from the
 // saved log-sum-exp) with a task per key/value head and its group, key tiles of 128 outer,
-// and every product on the tiles. For a key tile and each query head of the group:
-//   for each tile of 32 queries the band lets see it:
+// and every product on the tiles. For a key tile, each query head of the group and each chunk
+// of 128 of the queries the band lets see it:
+//   for each tile of 32 queries of the chunk:
 //     S^T = K Q^T,  dP^T = V dO^T                 (keys x queries, float32)
 //     P^T = 2^(c S^T - lse2),  Pd^T = P^T z,  dS^T = P^T (z dP^T - D)   (z: dropout factors)
 //                                                 in AVX-512, stored as bfloat16 rows (for dV,
 //                                                 dK) and pair-interleaved by keys (for dQ)
-//   then, over all those queries at once (a product as deep as the query range, so the float32
-//   accumulators go through memory once per key tile, not once per query tile):
+//   then, over the chunk's queries at once (a product as deep as the chunk, so the float32
+//   accumulators go through memory once per chunk, not once per query tile):
 //     dV += Pd^T dO,   dK += dS^T Q,   dQ^T += K^T dS^T
 // Q and dO of every query head of the group are packed once per task in both B forms; dQ^T
 // accumulates per task and is transposed into dq at its end. Weights and score gradients are
-// rounded to bfloat16 for the products (as the forward's P is), accumulation is float32; one
-// writer per gradient element, no atomics.
+// rounded to bfloat16 for the products (as the forward's P is), or split into three parts for
+// float32; accumulation is float32; one writer per gradient element, no atomics.
 #include "attention/attention_cpu_tiles.h"
 
 GK_INTRINSICS_BEGIN
@@ -130,8 +131,12 @@ Parts parts_of(int64_t a_part, int64_t b_part) {
   return Parts{kSixPairs, 6, a_part, b_part};
 }
 
-// x as a float, for 16 bfloat16 values.
-__m512 widen_bf16(__m256i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16)); }
+// 16 bfloat16 values as float32.
+__m512 widen(__m256i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16)); }
+
+// 16 elements of E from p as float32, lanes outside `lanes` zero.
+__m512 load16(const uint16_t* p, __mmask16 lanes) { return widen(_mm256_maskz_loadu_epi16(lanes, p)); }
+__m512 load16(const float* p, __mmask16 lanes) { return _mm512_maskz_loadu_ps(lanes, p); }
 
 // part[k * plane, + 16) = the k-th bfloat16 part of 16 floats x, k < P.
 template <int P>
@@ -139,7 +144,7 @@ void store_parts(__m512 x, uint16_t* part, int64_t plane) {
   for (int k = 0; k < P; ++k) {
     const __m256i rounded = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(part + k * plane), rounded);
-    if (k + 1 < P) x = _mm512_sub_ps(x, widen_bf16(rounded));
+    if (k + 1 < P) x = _mm512_sub_ps(x, widen(rounded));
   }
 }
 
@@ -155,6 +160,18 @@ void store_weight_parts(__m512 x0, __m512 x1, uint16_t* w, int64_t plane) {
     _mm512_storeu_si512(w + k * plane, parts);
     x0 = _mm512_sub_ps(x0, _mm512_and_ps(x0, top));
     x1 = _mm512_sub_ps(x1, _mm512_and_ps(x1, top));
+  }
+}
+
+// The three parts of 16 weights each of two keys, x0 and x1, pair-interleaved (element 2n from
+// x0, 2n + 1 from x1), by truncation as above: a 32-bit lane holds x1's part over x0's.
+void store_interleaved_parts(__m512 x0, __m512 x1, uint16_t* w, int64_t plane) {
+  const __m512i top = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int k = 0; k < 3; ++k) {
+    const __m512i a = _mm512_castps_si512(x0), b = _mm512_castps_si512(x1);
+    _mm512_storeu_si512(w + k * plane, _mm512_or_si512(_mm512_and_si512(b, top), _mm512_srli_epi32(a, 16)));
+    x0 = _mm512_sub_ps(x0, _mm512_castsi512_ps(_mm512_and_si512(a, top)));
+    x1 = _mm512_sub_ps(x1, _mm512_castsi512_ps(_mm512_and_si512(b, top)));
   }
 }
 
@@ -190,6 +207,21 @@ void pack_transposed(const uint16_t* rows, int64_t width, int64_t count, uint16_
       const uint32_t* block = words + rb * kRows * (width / 2) + f * kRows;
       for (int64_t r = 0; r < kRows; ++r)
         _mm512_storeu_si512(tile + r * kRows, _mm512_i32gather_epi32(column, block + r, 4));
+    }
+}
+
+// out[f][i] = rows[i][f] for `count` rows (a multiple of 16) of `width` features (even): pairs of
+// features gathered as 32-bit words from 16 rows at once, then parted into two output rows.
+void transpose_rows(const uint16_t* rows, int64_t width, int64_t count, uint16_t* out) {
+  const int* words = reinterpret_cast<const int*>(rows);
+  const __m512i row = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32(static_cast<int>(width / 2)));
+  for (int64_t i = 0; i < count; i += kRows)
+    for (int64_t f = 0; f < width; f += 2) {
+      const __m512i pair = _mm512_i32gather_epi32(row, words + (i * width + f) / 2, 4);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + f * count + i), _mm512_cvtepi32_epi16(pair));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (f + 1) * count + i),
+                          _mm512_cvtepi32_epi16(_mm512_srli_epi32(pair, 16)));
     }
 }
 
@@ -462,15 +494,16 @@ void store_f32(float* out, const float* src, int64_t dim, float factor) {
   }
 }
 
+// out[0, dim) = factor * src, as E.
+void store_row(uint16_t* out, const float* src, int64_t dim, float factor) { store_bf16(out, src, dim, factor); }
+void store_row(float* out, const float* src, int64_t dim, float factor) { store_f32(out, src, dim, factor); }
+
 // out(row) = o / used (out of E) and the log-sum-exp of m and l; zeros for a query with no key.
 template <class E>
 void write_row(const AttentionParams& p, int64_t row, const float* o, float m, __m512 l_lanes, __m512 used_lanes) {
   const float l = _mm512_reduce_add_ps(l_lanes), used = kParts<E> == 1 ? _mm512_reduce_add_ps(used_lanes) : l;
   const float factor = used > 0 ? 1 / used : 0;
-  if constexpr (kParts<E> == 1)
-    store_bf16(static_cast<uint16_t*>(p.out) + row * p.dim_v, o, p.dim_v, factor);
-  else
-    store_f32(static_cast<float*>(p.out) + row * p.dim_v, o, p.dim_v, factor);
+  store_row(static_cast<E*>(p.out) + row * p.dim_v, o, p.dim_v, factor);
   if (p.lse) p.lse[row] = l > 0 ? static_cast<float>(0.69314718055994531 * m + log_of(l)) : 0.0f;
 }
 
@@ -543,21 +576,26 @@ void prefill(const AttentionParams& p, int threads) {
 
 // ---------------------------------------------------------------- backward
 // One query head's operands, packed once per task (len_qp = len_q rounded up to 32 queries):
-// Q and dO in both B forms, log2(e) lse (+inf past len_q, so weights vanish), D (0 past len_q)
-// and the float32 accumulator of dQ^T (dk rows).
+// Q and dO in both B forms (each in its parts, a part's size apart), log2(e) lse (+inf past
+// len_q, so weights vanish), D (0 past len_q) and the float32 accumulator of dQ^T (dk rows).
 struct QueryPack {
   uint16_t *q_t, *q_i, *do_t, *do_i;
   float *lse2, *delta, *dqt;
 };
 
 // Keys per backward tile: the dQ^T accumulators of the query range pass through memory once per
-// key tile.
+// key tile. Queries per chunk of a key tile: the weights and score gradients of a chunk, and the
+// chunk's packed queries, stay in the second-level cache between the products that make and take
+// them; the dK and dV accumulators pass through memory once per chunk.
 constexpr int64_t kKeys = 128;
+constexpr int64_t kChunk = 128;
 
-// 16 bfloat16 values as float32.
-__m512 widen(__m256i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16)); }
-
+// E: the elements of q, k, v, out, dout and the gradients, bfloat16 bits or float; float32 goes
+// in three parts, as in the forward.
+template <class E>
 class Backward {
+  static constexpr int P = kParts<E>;
+
  public:
   Backward(const AttentionBackwardParams& bp)
       : bp_(bp),
@@ -565,7 +603,7 @@ class Backward {
         at_(bp.fwd),
         group_(at_.group()),
         len_qp_(round_up(p_.len_q, kBr)),
-        ldw_(len_qp_ + kDepth),
+        ldw_(kChunk + kDepth),
         lddq_(len_qp_ + kRows),
         dk_(round_up(p_.dim_qk, kDepth)),
         dv_(round_up(p_.dim_v, kDepth)) {}
@@ -577,29 +615,32 @@ class Backward {
     const int64_t splits = heads < threads ? clamp64((threads + heads - 1) / heads, 1, max64(key_tiles, 1)) : 1;
     const int64_t part = group_ * p_.len_q * p_.dim_qk;
     Buffer<float> dq_parts(splits > 1 ? heads * splits * part : 0);
-    const int64_t pack_u16 = 2 * len_qp_ * (dk_ + dv_), pack_f32 = 2 * len_qp_ + dk_ * lddq_;
+    const int64_t pack_u16 = 2 * P * len_qp_ * (dk_ + dv_), pack_f32 = 2 * len_qp_ + dk_ * lddq_;
+    const float scale = static_cast<float>(p_.scale);
     for_each_task(heads * splits, threads, [&](auto&& next) {
       configure_tiles();
-      Buffer<uint16_t> packs_u16(group_ * pack_u16), rows(len_qp_ * max64(dk_, dv_));
+      Buffer<uint16_t> packs_u16(group_ * pack_u16), rows(P * len_qp_ * max64(dk_, dv_));
       Buffer<float> packs_f32(group_ * pack_f32);
-      Buffer<uint16_t> k(kKeys * dk_), v(kKeys * dv_), kt(dk_ * kKeys), pt(kKeys * ldw_), dst(kKeys * ldw_),
-          dsv(kKeys * len_qp_);
+      Buffer<uint16_t> k(P * kKeys * dk_), v(P * kKeys * dv_), kt(P * dk_ * kKeys), pt(P * kKeys * ldw_),
+          dst(P * kKeys * ldw_), dsv(P * kKeys * kChunk);
       Buffer<float> s(kKeys * kBr), dp(kKeys * kBr), drop(kKeys * kBr), dk(kKeys * dk_), dv(kKeys * dv_), dq_row(dk_);
       for (int64_t item; next(&item);) {
         const int64_t bh = item / splits, split = item % splits, b = bh / p_.heads_kv, hk = bh % p_.heads_kv;
         auto pack_of = [&](int64_t g) {
           uint16_t* x = packs_u16.get() + g * pack_u16;
           float* y = packs_f32.get() + g * pack_f32;
-          return QueryPack{x, x + len_qp_ * dk_, x + 2 * len_qp_ * dk_, x + 2 * len_qp_ * dk_ + len_qp_ * dv_,
+          return QueryPack{x, x + P * len_qp_ * dk_, x + 2 * P * len_qp_ * dk_, x + P * len_qp_ * (2 * dk_ + dv_),
                            y, y + len_qp_, y + 2 * len_qp_};
         };
         for (int64_t g = 0; g < group_; ++g) pack(b, hk * group_ + g, pack_of(g), rows.get());
         for (int64_t j0 = split * kKeys; j0 < p_.len_kv; j0 += splits * kKeys) {
           const int64_t n = min64(kKeys, p_.len_kv - j0);
-          gather_rows(head_row(p_.k, p_.k_stride, b, hk, j0), p_.k_stride[2], p_.dim_qk, n, kKeys, dk_, k.get());
-          gather_rows(head_row(p_.v, p_.v_stride, b, hk, j0), p_.v_stride[2], p_.dim_v, n, kKeys, dv_, v.get());
-          for (int64_t e = 0; e < dk_; ++e)
-            for (int64_t jj = 0; jj < kKeys; ++jj) kt.get()[e * kKeys + jj] = k.get()[jj * dk_ + e];
+          gather_rows(head_row<E>(p_.k, p_.k_stride, b, hk, j0), p_.k_stride[2], p_.dim_qk, n, kKeys, dk_, k.get(),
+                      kKeys * dk_);
+          gather_rows(head_row<E>(p_.v, p_.v_stride, b, hk, j0), p_.v_stride[2], p_.dim_v, n, kKeys, dv_, v.get(),
+                      kKeys * dv_);
+          for (int kp = 0; kp < P; ++kp)
+            transpose_rows(k.get() + kp * kKeys * dk_, dk_, kKeys, kt.get() + kp * dk_ * kKeys);
           std::memset(dk.get(), 0, sizeof(float) * kKeys * dk_);
           std::memset(dv.get(), 0, sizeof(float) * kKeys * dv_);
           for (int64_t g = 0; g < group_; ++g) {
@@ -609,9 +650,8 @@ class Backward {
           }
           const int64_t row0 = bh * p_.len_kv + j0;
           for (int64_t jj = 0; jj < n; ++jj) {
-            store_bf16(static_cast<uint16_t*>(bp_.dk) + (row0 + jj) * p_.dim_qk, dk.get() + jj * dk_, p_.dim_qk,
-                       static_cast<float>(p_.scale));
-            store_bf16(static_cast<uint16_t*>(bp_.dv) + (row0 + jj) * p_.dim_v, dv.get() + jj * dv_, p_.dim_v, 1.0f);
+            store_row(static_cast<E*>(bp_.dk) + (row0 + jj) * p_.dim_qk, dk.get() + jj * dk_, p_.dim_qk, scale);
+            store_row(static_cast<E*>(bp_.dv) + (row0 + jj) * p_.dim_v, dv.get() + jj * dv_, p_.dim_v, 1.0f);
           }
         }
         // dQ = scale (dQ^T)^T: into dq, or into this task's part.
@@ -621,9 +661,7 @@ class Backward {
           for (int64_t i = 0; i < p_.len_q; ++i) {
             float* row = splits > 1 ? dq_parts.get() + item * part + (g * p_.len_q + i) * p_.dim_qk : dq_row.get();
             for (int64_t e = 0; e < p_.dim_qk; ++e) row[e] = dqt[e * lddq_ + i];
-            if (splits == 1)
-              store_bf16(static_cast<uint16_t*>(bp_.dq) + (row0 + i) * p_.dim_qk, row, p_.dim_qk,
-                         static_cast<float>(p_.scale));
+            if (splits == 1) store_row(static_cast<E*>(bp_.dq) + (row0 + i) * p_.dim_qk, row, p_.dim_qk, scale);
           }
         }
       }
@@ -640,22 +678,22 @@ class Backward {
           for (int64_t e = 0; e < p_.dim_qk; ++e) sum.get()[e] += x[e];
         }
         const int64_t out_row = (bh / p_.heads_kv * p_.heads_q + bh % p_.heads_kv * group_) * p_.len_q + r;
-        store_bf16(static_cast<uint16_t*>(bp_.dq) + out_row * p_.dim_qk, sum.get(), p_.dim_qk,
-                   static_cast<float>(p_.scale));
+        store_row(static_cast<E*>(bp_.dq) + out_row * p_.dim_qk, sum.get(), p_.dim_qk, scale);
       }
     });
   }
 
  private:
   // A key tile of head (b, hk) seen from query head h: keys [j0, j0 + n) as rows of k and v
-  // (kKeys x dk, kKeys x dv, zero-padded) and kt = k^T (dk x kKeys).
+  // (kKeys x dk, kKeys x dv, zero-padded) and kt = k^T (dk x kKeys), each in its parts.
   struct Tile {
     int64_t b, h, j0, n;
     const uint16_t *k, *v, *kt;
   };
   // Per-thread buffers: s, dp, drop (kKeys x 32 float32: S^T, dP^T, dropout factors of a query
-  // tile); pt, dst (kKeys rows of bfloat16, ldw_ apart: Pd^T, dS^T) and dsv (dS^T interleaved by
-  // key pairs); the key tile's dk and dv accumulators.
+  // tile); pt, dst (kKeys rows of bfloat16, ldw_ apart: Pd^T, dS^T of a chunk's queries) and dsv
+  // (the chunk's dS^T interleaved by key pairs), each in its parts; the key tile's dk and dv
+  // accumulators.
   struct Scratch {
     float *s, *dp, *drop;
     uint16_t *pt, *dst, *dsv;
@@ -665,15 +703,19 @@ class Backward {
   // Packs query head (b, h); zeroes its dQ^T.
   void pack(int64_t b, int64_t h, const QueryPack& pq, uint16_t* rows) const {
     constexpr float kLog2e = 1.4426950408889634074f;
-    const int64_t row0 = (b * p_.heads_q + h) * p_.len_q;
-    gather_rows(head_row(p_.q, p_.q_stride, b, h, 0), p_.q_stride[2], p_.dim_qk, p_.len_q, len_qp_, dk_, rows);
-    pack_transposed(rows, dk_, len_qp_, pq.q_t);
-    pack_interleaved(rows, dk_, len_qp_, pq.q_i);
-    gather_rows(head_row(bp_.dout, bp_.dout_stride, b, h, 0), bp_.dout_stride[2], p_.dim_v, p_.len_q, len_qp_, dv_,
-                rows);
-    pack_transposed(rows, dv_, len_qp_, pq.do_t);
-    pack_interleaved(rows, dv_, len_qp_, pq.do_i);
-    const uint16_t* out = static_cast<const uint16_t*>(p_.out) + row0 * p_.dim_v;
+    const int64_t row0 = (b * p_.heads_q + h) * p_.len_q, plane = len_qp_ * max64(dk_, dv_);
+    gather_rows(head_row<E>(p_.q, p_.q_stride, b, h, 0), p_.q_stride[2], p_.dim_qk, p_.len_q, len_qp_, dk_, rows, plane);
+    for (int k = 0; k < P; ++k) {
+      pack_transposed(rows + k * plane, dk_, len_qp_, pq.q_t + k * len_qp_ * dk_);
+      pack_interleaved(rows + k * plane, dk_, len_qp_, pq.q_i + k * len_qp_ * dk_);
+    }
+    const E* dout = head_row<E>(bp_.dout, bp_.dout_stride, b, h, 0);
+    gather_rows(dout, bp_.dout_stride[2], p_.dim_v, p_.len_q, len_qp_, dv_, rows, plane);
+    for (int k = 0; k < P; ++k) {
+      pack_transposed(rows + k * plane, dv_, len_qp_, pq.do_t + k * len_qp_ * dv_);
+      pack_interleaved(rows + k * plane, dv_, len_qp_, pq.do_i + k * len_qp_ * dv_);
+    }
+    const E* out = static_cast<const E*>(p_.out) + row0 * p_.dim_v;
     for (int64_t i = 0; i < len_qp_; ++i) {
       if (i >= p_.len_q) {
         pq.lse2[i] = __builtin_inff();
@@ -683,8 +725,7 @@ class Backward {
       __m512 dot = _mm512_setzero_ps();
       for (int64_t e = 0; e < p_.dim_v; e += kRows) {
         const __mmask16 part = lanes_below(e, p_.dim_v);
-        const __m512 d = widen(_mm256_maskz_loadu_epi16(part, rows + i * dv_ + e));
-        dot = _mm512_fmadd_ps(d, widen(_mm256_maskz_loadu_epi16(part, out + i * p_.dim_v + e)), dot);
+        dot = _mm512_fmadd_ps(load16(dout + i * bp_.dout_stride[2] + e, part), load16(out + i * p_.dim_v + e, part), dot);
       }
       const float delta = _mm512_reduce_add_ps(dot);
       pq.lse2[i] = kLog2e * p_.lse[row0 + i];
@@ -701,41 +742,46 @@ class Backward {
     const int64_t ib = clamp64(band.end_query(t.j0 + t.n - 1), 0, p_.len_q);
     if (ia >= ib) return;
     const int64_t qa = ia / kBr * kBr, qb = round_up(ib, kBr), width = round_up(t.n, kDepth);
-    for (int64_t i0 = qa; i0 < qb; i0 += kBr) query_tile(t, pq, x, band, i0);
-    const int64_t steps = (qb - qa) / kDepth, vblocks = dv_ / kRows, kblocks = dk_ / kRows;
-    for (int64_t kb = 0; kb < width; kb += kDepth) {
-      for (int64_t vb = 0; vb < vblocks; vb += 2) {
-        const uint16_t* b0 = pq.do_i + (qa / kDepth * vblocks + vb) * kTileElems;
-        quad(x.dv + kb * dv_ + vb * kRows, dv_, true, steps, x.pt + kb * ldw_ + qa, ldw_, kDepth, b0,
-             b0 + kTileElems, vblocks * kTileElems);
+    const int64_t vblocks = dv_ / kRows, kblocks = dk_ / kRows, cblocks = kChunk / kRows;
+    const Parts pd_do = parts_of<E>(kKeys * ldw_, len_qp_ * dv_), ds_q = parts_of<E>(kKeys * ldw_, len_qp_ * dk_);
+    const Parts k_ds = parts_of<E>(dk_ * kKeys, kKeys * kChunk);
+    for (int64_t c0 = qa; c0 < qb; c0 += kChunk) {
+      const int64_t c1 = min64(qb, c0 + kChunk), steps = (c1 - c0) / kDepth;
+      for (int64_t i0 = c0; i0 < c1; i0 += kBr) query_tile(t, pq, x, band, i0, c0);
+      for (int64_t kb = 0; kb < width; kb += kDepth) {
+        for (int64_t vb = 0; vb < vblocks; vb += 2) {
+          const uint16_t* b0 = pq.do_i + (c0 / kDepth * vblocks + vb) * kTileElems;
+          quad(x.dv + kb * dv_ + vb * kRows, dv_, true, steps, x.pt + kb * ldw_, ldw_, kDepth, b0, b0 + kTileElems,
+               vblocks * kTileElems, pd_do);
+        }
+        for (int64_t fb = 0; fb < kblocks; fb += 2) {
+          const uint16_t* b0 = pq.q_i + (c0 / kDepth * kblocks + fb) * kTileElems;
+          quad(x.dk + kb * dk_ + fb * kRows, dk_, true, steps, x.dst + kb * ldw_, ldw_, kDepth, b0, b0 + kTileElems,
+               kblocks * kTileElems, ds_q);
+        }
       }
       for (int64_t fb = 0; fb < kblocks; fb += 2) {
-        const uint16_t* b0 = pq.q_i + (qa / kDepth * kblocks + fb) * kTileElems;
-        quad(x.dk + kb * dk_ + fb * kRows, dk_, true, steps, x.dst + kb * ldw_ + qa, ldw_, kDepth, b0,
-             b0 + kTileElems, kblocks * kTileElems);
-      }
-    }
-    const int64_t qblocks = len_qp_ / kRows;
-    for (int64_t fb = 0; fb < kblocks; fb += 2) {
-      for (int64_t i = qa / kRows; i < qb / kRows; i += 2) {
-        const uint16_t* b0 = x.dsv + i * kTileElems;
-        quad(pq.dqt + fb * kRows * lddq_ + i * kRows, lddq_, true, width / kDepth, t.kt + fb * kRows * kKeys, kKeys,
-             kDepth, b0, b0 + kTileElems, qblocks * kTileElems);
+        for (int64_t i = c0 / kRows; i < c1 / kRows; i += 2) {
+          const uint16_t* b0 = x.dsv + (i - c0 / kRows) * kTileElems;
+          quad(pq.dqt + fb * kRows * lddq_ + i * kRows, lddq_, true, width / kDepth, t.kt + fb * kRows * kKeys, kKeys,
+               kDepth, b0, b0 + kTileElems, cblocks * kTileElems, k_ds);
+        }
       }
     }
   }
 
   // Queries [i0, i0 + 32) against key tile t: their columns of Pd^T, dS^T and its interleaved
-  // form, and of dbias.
-  void query_tile(const Tile& t, const QueryPack& pq, const Scratch& x, const Band& band, int64_t i0) const {
+  // form (within the chunk from query c0), and of dbias.
+  void query_tile(const Tile& t, const QueryPack& pq, const Scratch& x, const Band& band, int64_t i0, int64_t c0) const {
     const int64_t count = min64(kBr, p_.len_q - i0), width = round_up(t.n, kDepth);
+    const Parts k_q = parts_of<E>(kKeys * dk_, len_qp_ * dk_), v_do = parts_of<E>(kKeys * dv_, len_qp_ * dv_);
     for (int64_t kc = 0; kc < width; kc += kDepth) {
       const uint16_t* qt = pq.q_t + i0 / kRows * (dk_ / kDepth) * kTileElems;
       quad(x.s + kc * kBr, kBr, false, dk_ / kDepth, t.k + kc * dk_, dk_, kDepth, qt, qt + dk_ / kDepth * kTileElems,
-           kTileElems);
+           kTileElems, k_q);
       const uint16_t* dot = pq.do_t + i0 / kRows * (dv_ / kDepth) * kTileElems;
       quad(x.dp + kc * kBr, kBr, false, dv_ / kDepth, t.v + kc * dv_, dv_, kDepth, dot, dot + dv_ / kDepth * kTileElems,
-           kTileElems);
+           kTileElems, v_do);
     }
     // Scores past the band's edge, past n or under a mask are made base 2 and masked first.
     const float c = at_.log2_scale();
@@ -759,6 +805,7 @@ class Backward {
     const __m512i interleave = interleave_index();
     const __m512 lse2[2] = {_mm512_loadu_ps(pq.lse2 + i0), _mm512_loadu_ps(pq.lse2 + i0 + kRows)};
     const __m512 delta[2] = {_mm512_loadu_ps(pq.delta + i0), _mm512_loadu_ps(pq.delta + i0 + kRows)};
+    const int64_t row_part = kKeys * ldw_, pair_part = kKeys * kChunk;
     for (int64_t jj = 0; jj < width; jj += 2) {
       __m512 ds[2][2];  // [key jj + r][query half]
       for (int64_t r = 0; r < 2; ++r) {
@@ -776,16 +823,25 @@ class Backward {
           ds[r][half] = _mm512_mul_ps(p, _mm512_sub_ps(dpv, delta[half]));
           if (dbias) _mm512_storeu_ps(x.dp + e, ds[r][half]);
         }
-        const int64_t row = (jj + r) * ldw_ + i0;
-        _mm512_storeu_si512(x.pt + row, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w[1], w[0])));
-        _mm512_storeu_si512(x.dst + row, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ds[r][1], ds[r][0])));
+        const int64_t row = (jj + r) * ldw_ + i0 - c0;
+        if constexpr (P == 1) {
+          _mm512_storeu_si512(x.pt + row, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w[1], w[0])));
+          _mm512_storeu_si512(x.dst + row, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ds[r][1], ds[r][0])));
+        } else {
+          store_weight_parts(w[0], w[1], x.pt + row, row_part);
+          store_weight_parts(ds[r][0], ds[r][1], x.dst + row, row_part);
+        }
       }
       // Key pair (jj, jj + 1) is row (jj mod 32) / 2 of the tiles of key chunk jj / 32.
       for (int64_t half = 0; half < 2; ++half) {
-        const __m512i pair = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ds[1][half], ds[0][half]));
-        uint16_t* tile = x.dsv + (jj / kDepth * (len_qp_ / kRows) + i0 / kRows + half) * kTileElems;
-        _mm512_storeu_si512(tile + jj % kDepth / 2 * kDepth,
-                            _mm512_permutexvar_epi16(interleave, pair));
+        uint16_t* tile = x.dsv + (jj / kDepth * (kChunk / kRows) + (i0 - c0) / kRows + half) * kTileElems +
+                         jj % kDepth / 2 * kDepth;
+        if constexpr (P == 1) {
+          const __m512i pair = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ds[1][half], ds[0][half]));
+          _mm512_storeu_si512(tile, _mm512_permutexvar_epi16(interleave, pair));
+        } else {
+          store_interleaved_parts(ds[0][half], ds[1][half], tile, pair_part);
+        }
       }
     }
     if (dbias) {
@@ -797,7 +853,7 @@ class Backward {
 
   const AttentionBackwardParams& bp_;
   const AttentionParams& p_;
-  const Attention<Bf16> at_;
+  const Attention<std::conditional_t<P == 1, Bf16, float>> at_;
   // Rows of the weights (ldw_, bfloat16) and of dQ^T (lddq_, float32) are padded by a cache line:
   // rows 4 KiB apart would share the first-level cache's sets.
   int64_t group_, len_qp_, ldw_, lddq_, dk_, dv_;
@@ -809,7 +865,10 @@ void attention_forward_amx(const AttentionParams& p, int threads) {
   if (p.dtype == DType::f32) return prefill<float>(p, threads);
   prefill<uint16_t>(p, threads);
 }
-void attention_backward_amx(const AttentionBackwardParams& bp, int threads) { Backward(bp).run(threads); }
+void attention_backward_amx(const AttentionBackwardParams& bp, int threads) {
+  if (bp.fwd.dtype == DType::f32) return Backward<float>(bp).run(threads);
+  Backward<uint16_t>(bp).run(threads);
+}
 
 }  // namespace GK_ISA
 }  // namespace gk

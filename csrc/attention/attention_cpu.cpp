@@ -274,9 +274,7 @@ void run(const AttentionParams& p, const CpuExec& exec) {
   const int threads = exec.threads > 1 ? exec.threads : 1;
 #if defined(__AVX512F__) && defined(GK_HAVE_AMX)
   if constexpr (!std::is_same_v<T, double>) {
-    // float32 pays six tile products a product and the splitting of its operands: the tiles win
-    // from 256 keys (2 threads, 50 GFLOP: 128 keys 117 ms against 92 here, 256 keys 58 against 70).
-    const bool tiles_pay = std::is_same_v<T, Bf16> || p.len_kv >= 256;
+    const bool tiles_pay = std::is_same_v<T, Bf16> || p.len_kv >= kAmxMinKeysFloat32;
     if (cpu_isa() == Isa::amx && p.len_q > kDecodeMaxLen && tiles_pay) return attention_forward_amx(p, threads);
   }
 #endif
