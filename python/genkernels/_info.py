@@ -12,7 +12,7 @@ from . import _backend, _C
 def info() -> dict[str, Any]:
     """The version, the modules built, whether CUDA can run now, the CUDA architectures
     compiled, and the CPU kernels' instruction set ("baseline", "avx2", "avx512", or "amx": the
-    AVX-512 kernels with bfloat16 attention on AMX tiles; GENKERNELS_CPU_ISA caps it) and thread
+    AVX-512 kernels with attention on AMX tiles; GENKERNELS_CPU_ISA caps it) and thread
     count."""
     cuda = _backend._C_cuda
     devices = cuda.device_count() if cuda is not None else 0
