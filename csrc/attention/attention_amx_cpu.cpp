@@ -508,66 +508,84 @@ void write_row(const AttentionParams& p, int64_t row, const float* o, float m, _
 }
 
 // ---------------------------------------------------------------- forward
+// Query tiles a task takes at once: a key tile comes from memory for the first and is still in
+// the cache for the others (long sequences, whose packed keys and values outgrow the cache).
+constexpr int64_t kGroup = 4;
+
 // E: the elements of q, k, v and out, bfloat16 bits or float.
 template <class E>
 void prefill(const AttentionParams& p, int threads) {
   constexpr int P = kParts<E>;
   const Attention<std::conditional_t<P == 1, Bf16, float>> at(p);
   const int64_t ldq = round_up(p.dim_qk, kDepth), ldo = round_up(p.dim_v, kDepth);
-  const int64_t tiles = (p.len_q + kBr - 1) / kBr, heads = p.batch * p.heads_q;
-  // A task is every parts-th query tile of a head (from the last, the longest under a causal
-  // band): whole heads when there are enough to balance the threads, so that each head's keys
-  // and values are packed once.
-  const int64_t parts = clamp64((4 * threads + heads - 1) / heads, 1, tiles);
+  const int64_t tiles = (p.len_q + kBr - 1) / kBr, groups = (tiles + kGroup - 1) / kGroup, heads = p.batch * p.heads_q;
+  // A task is every parts-th group of query tiles of a head (from the last, the longest under a
+  // causal band): whole heads when there are enough to balance the threads, so that each head's
+  // keys and values are packed once.
+  const int64_t parts = clamp64((4 * threads + heads - 1) / heads, 1, groups);
   const float c = at.log2_scale();
   for_each_task(heads * parts, threads, [&](auto&& next) {
     configure_tiles();
     PackedHead<E> kv(p);
     const int64_t q_part = kBr * ldq, w_part = kBr * kBc;
-    Buffer<uint16_t> q(P * q_part), w(P * w_part);
-    Buffer<float> s(kBr * kBc), o(kBr * ldo);
-    RowState st;
+    Buffer<uint16_t> q(kGroup * P * q_part), w(P * w_part);
+    Buffer<float> s(kBr * kBc), o(kGroup * kBr * ldo);
+    RowState st[kGroup];
     for (int64_t item; next(&item);) {
       const int64_t b = item / parts / p.heads_q, h = item / parts % p.heads_q, hk = h / at.group();
       const Band band = at.band(b);
-      for (int64_t t = tiles - 1 - item % parts; t >= 0; t -= parts) {
-        const int64_t i0 = t * kBr, count = min64(kBr, p.len_q - i0);
-        gather_rows(head_row<E>(p.q, p.q_stride, b, h, i0), p.q_stride[2], p.dim_qk, count, kBr, ldq, q.get(), q_part);
-        // Rows past count take no weights (zero), so their outputs stay finite.
-        for (int k = 0; k < P; ++k)
-          std::memset(w.get() + k * w_part + count * kBc, 0, sizeof(uint16_t) * (kBr - count) * kBc);
-        std::memset(o.get(), 0, sizeof(float) * kBr * ldo);
-        for (int64_t i = 0; i < kBr; ++i) {
-          st.m[i] = kMinusInf<float>;
-          st.l[i] = st.used[i] = _mm512_setzero_ps();
+      for (int64_t group = groups - 1 - item % parts; group >= 0; group -= parts) {
+        const int64_t t0 = group * kGroup, members = min64(kGroup, tiles - t0);
+        // Tile g: queries [i0(g), + count(g)), output rows at o + g 32 ldo, keys from first(g)
+        // (a multiple of Bc, where the packing's tiles start) to end(g).
+        auto i0 = [&](int64_t g) { return (t0 + g) * kBr; };
+        auto count = [&](int64_t g) { return min64(kBr, p.len_q - i0(g)); };
+        auto first = [&](int64_t g) { return band.first(i0(g)) / kBc * kBc; };
+        auto end = [&](int64_t g) { return band.end(i0(g) + count(g) - 1); };
+        int64_t j_first = first(0), j_end = end(0);
+        for (int64_t g = 0; g < members; ++g) {
+          gather_rows(head_row<E>(p.q, p.q_stride, b, h, i0(g)), p.q_stride[2], p.dim_qk, count(g), kBr, ldq,
+                      q.get() + g * P * q_part, q_part);
+          std::memset(o.get() + g * kBr * ldo, 0, sizeof(float) * kBr * ldo);
+          for (int64_t i = 0; i < kBr; ++i) {
+            st[g].m[i] = kMinusInf<float>;
+            st[g].l[i] = st[g].used[i] = _mm512_setzero_ps();
+          }
+          j_first = min64(j_first, first(g));
+          j_end = max64(j_end, end(g));
         }
-
-        // Key tiles start at multiples of Bc, where the packing's tiles do.
-        const int64_t j_end = band.end(i0 + count - 1);
-        const int64_t j_first = band.first(i0) / kBc * kBc;
         if (j_first < j_end) kv.ensure(b, hk, band.kv_len, round_up(j_end, kBc));
         for (int64_t j0 = j_first; j0 < j_end; j0 += kBc) {
-          const int64_t n = min64(kBc, j_end - j0), width = round_up(n, kDepth);
-          tile_scores(q.get(), ldq, kv, j0, width, s.get());
-          // Scores past the band's edge, past n or under a mask are made base 2 and masked first.
-          const bool masked = p.mask || n < width || !band.covers(i0, i0 + count, j0, j0 + n);
-          for (int64_t i = 0; i < count; ++i) {
-            float* row = s.get() + i * kBc;
-            if (masked) {
-              scale_in_range(row, width, c, band.first(i0 + i) - j0, min64(band.end(i0 + i) - j0, n));
-              if (p.mask) at.mask_scores(band, b, h, i0 + i, j0, n, row, 1);
+          for (int64_t g = 0; g < members; ++g) {
+            if (j0 < first(g) || j0 >= end(g)) continue;
+            const int64_t qi = i0(g), rows = count(g), n = min64(kBc, end(g) - j0), width = round_up(n, kDepth);
+            float* og = o.get() + g * kBr * ldo;
+            // Rows past count take no weights (zero), so their outputs stay finite.
+            for (int k = 0; k < P && rows < kBr; ++k)
+              std::memset(w.get() + k * w_part + rows * kBc, 0, sizeof(uint16_t) * (kBr - rows) * kBc);
+            tile_scores(q.get() + g * P * q_part, ldq, kv, j0, width, s.get());
+            // Scores past the band's edge, past n or under a mask are made base 2 and masked first.
+            const bool masked = p.mask || n < width || !band.covers(qi, qi + rows, j0, j0 + n);
+            for (int64_t i = 0; i < rows; ++i) {
+              float* row = s.get() + i * kBc;
+              if (masked) {
+                scale_in_range(row, width, c, band.first(qi + i) - j0, min64(band.end(qi + i) - j0, n));
+                if (p.mask) at.mask_scores(band, b, h, qi + i, j0, n, row, 1);
+              }
+              softmax_row<P>(row, width, masked ? 1.0f : c, st[g], i, og + i * ldo, ldo, w.get() + i * kBc, w_part,
+                             at.dropout());
+              if (at.dropout()) {
+                at.drop(b, h, qi + i, j0, n, row, 1);
+                round_weights<P>(row, width, w.get() + i * kBc, w_part);
+              }
             }
-            softmax_row<P>(row, width, masked ? 1.0f : c, st, i, o.get() + i * ldo, ldo, w.get() + i * kBc, w_part,
-                           at.dropout());
-            if (at.dropout()) {
-              at.drop(b, h, i0 + i, j0, n, row, 1);
-              round_weights<P>(row, width, w.get() + i * kBc, w_part);
-            }
+            tile_values(w.get(), kv, j0, width, og, ldo);
           }
-          tile_values(w.get(), kv, j0, width, o.get(), ldo);
         }
-        for (int64_t i = 0; i < count; ++i)
-          write_row<E>(p, (b * p.heads_q + h) * p.len_q + i0 + i, o.get() + i * ldo, st.m[i], st.l[i], st.used[i]);
+        for (int64_t g = 0; g < members; ++g)
+          for (int64_t i = 0; i < count(g); ++i)
+            write_row<E>(p, (b * p.heads_q + h) * p.len_q + i0(g) + i, o.get() + (g * kBr + i) * ldo, st[g].m[i],
+                         st[g].l[i], st[g].used[i]);
       }
     }
     _tile_release();
