@@ -319,8 +319,8 @@ void quad(float* c, int64_t ldc, bool accumulate, int64_t steps, const uint16_t*
     _tile_zero(3);
   }
   for (int64_t t = 0; t < steps; ++t) {
-    // A tile load costs several products (about 58 cycles against 16, measured): a part already
-    // in the tiles is not loaded again.
+    // A load waits for the products still reading its tile (tiles are not renamed): a part
+    // already in the tiles is not loaded again.
     int a_in = -1, b_in = -1;
     for (int k = 0; k < parts.count; ++k) {
       const Pair pair = parts.pairs[k];
