@@ -321,24 +321,24 @@ def test_bfloat16_masks_and_strides_on_amx_tiles(kind):
     check_bfloat16(q, k, v, mask=mask)
 
 
-# float32 prefill with 256 keys or more runs on the AMX tiles in three bfloat16 parts: the same
-# features as AMX_CASES at that size, held to the float32 tolerance.
+# float32 prefill with 256 keys and 128 queries or more runs on the AMX tiles in three bfloat16
+# parts: the same features as AMX_CASES at that size, held to the float32 tolerance.
 AMX_FLOAT32_CASES = {
-    "lengths": ((2, 2, 2, 65, 300, 64), {}),
-    "short": ((1, 2, 2, 5, 256, 64), {}),
-    "odd dims": ((1, 2, 2, 33, 297, 7, 33), {}),
-    "dim 1": ((1, 1, 1, 40, 257, 1), {}),
-    "dim 256": ((1, 1, 1, 40, 300, 256), {}),
-    "dims 64, 24": ((1, 2, 2, 70, 264, 64, 24), {}),
-    "groups": ((2, 6, 1, 100, 350, 32), {}),
+    "lengths": ((2, 2, 2, 165, 300, 64), {}),
+    "one row past": ((1, 2, 2, 129, 256, 64), {}),
+    "odd dims": ((1, 2, 2, 133, 297, 7, 33), {}),
+    "dim 1": ((1, 1, 1, 140, 257, 1), {}),
+    "dim 256": ((1, 1, 1, 128, 300, 256), {}),
+    "dims 64, 24": ((1, 2, 2, 170, 264, 64, 24), {}),
+    "groups": ((2, 6, 1, 130, 350, 32), {}),
     "causal": ((1, 2, 2, 300, 300, 64), dict(window=(-1, 0))),
-    "causal bottom-right": ((2, 2, 2, 70, 333, 40), dict(window=(-1, 0), bottom_right=True)),
+    "causal bottom-right": ((2, 2, 2, 170, 333, 40), dict(window=(-1, 0), bottom_right=True)),
     "window": ((1, 2, 2, 200, 300, 64), dict(window=(20, 5))),
-    "key counts": ((2, 2, 2, 64, 290, 64), dict(kv_lens=torch.tensor([250, 0], dtype=torch.int32))),
-    "large scores": ((1, 2, 2, 70, 300, 64), dict(scale=1.0)),
-    "bool mask": ((2, 3, 3, 70, 260, 48), dict(mask=torch.rand(2, 1, 70, 260) < 0.7)),
-    "float mask": ((2, 3, 3, 70, 260, 48),
-                   dict(mask=torch.randn(70, 260).masked_fill(torch.rand(70, 260) < 0.3, -math.inf))),
+    "key counts": ((2, 2, 2, 164, 290, 64), dict(kv_lens=torch.tensor([250, 0], dtype=torch.int32))),
+    "large scores": ((1, 2, 2, 170, 300, 64), dict(scale=1.0)),
+    "bool mask": ((2, 3, 3, 140, 260, 48), dict(mask=torch.rand(2, 1, 140, 260) < 0.7)),
+    "float mask": ((2, 3, 3, 140, 260, 48),
+                   dict(mask=torch.randn(140, 260).masked_fill(torch.rand(140, 260) < 0.3, -math.inf))),
 }
 
 
@@ -370,16 +370,17 @@ def check_float32_gradients(q, k, v, mask=None, **kwargs):
         assert g.dtype == torch.float32 and relative_error(g, e) <= 1e-4, name
 
 
-# The float32 backward on the tiles (256 keys or more), as AMX_GRADIENT_CASES for bfloat16.
+# The float32 backward on the tiles (256 keys and 128 queries or more), as AMX_GRADIENT_CASES for
+# bfloat16.
 AMX_FLOAT32_GRADIENT_CASES = {
-    "lengths": ((2, 2, 2, 65, 300, 64), {}),
-    "odd dims": ((1, 2, 2, 33, 297, 7, 33), {}),
-    "dim 256": ((1, 1, 1, 40, 270, 256), {}),
+    "lengths": ((2, 2, 2, 165, 300, 64), {}),
+    "odd dims": ((1, 2, 2, 133, 297, 7, 33), {}),
+    "dim 256": ((1, 1, 1, 140, 270, 256), {}),
     "groups, causal": ((2, 6, 2, 300, 300, 32), dict(is_causal=True)),
-    "bottom-right": ((1, 2, 2, 30, 300, 48), dict(is_causal=True, causal_alignment="bottom_right")),
+    "bottom-right": ((1, 2, 2, 130, 300, 48), dict(is_causal=True, causal_alignment="bottom_right")),
     "window": ((1, 2, 2, 300, 300, 64, 40), dict(window=(20, 5))),
-    "bool mask": ((1, 2, 2, 70, 290, 64), dict(mask=torch.rand(70, 290) < 0.7)),
-    "float mask": ((1, 2, 2, 70, 290, 64), dict(mask=torch.randn(2, 70, 290))),
+    "bool mask": ((1, 2, 2, 170, 290, 64), dict(mask=torch.rand(170, 290) < 0.7)),
+    "float mask": ((1, 2, 2, 170, 290, 64), dict(mask=torch.randn(2, 170, 290))),
 }
 
 
@@ -395,7 +396,7 @@ def test_float32_gradients_split_over_keys_on_amx_tiles():
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        check_float32_gradients(*qkv(1, 3, 1, 90, 600, 64), is_causal=True)
+        check_float32_gradients(*qkv(1, 3, 1, 190, 600, 64), is_causal=True)
     finally:
         torch.set_num_threads(threads)
 
@@ -404,7 +405,7 @@ def test_float32_gradients_split_over_keys_on_amx_tiles():
 def test_float32_on_amx_tiles_matches_avx512():
     """Both float32 prefill kernels of an AMX machine agree to float32 rounding, strided inputs
     included."""
-    q, k, v = (x.transpose(1, 2) for x in (torch.randn(2, n, 3, 40) for n in (90, 400, 400)))
+    q, k, v = (x.transpose(1, 2) for x in (torch.randn(2, n, 3, 40) for n in (190, 400, 400)))
     script = (
         "import sys, torch; sys.path.insert(0, sys.argv[1]); import test_attention_cpu_kernel as t; "
         "q, k, v = torch.load(sys.argv[2]); out, lse = t.kernel(q, k, v, window=(-1, 0), bottom_right=True); "
@@ -444,8 +445,7 @@ def test_results_do_not_depend_on_thread_count():
     assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
 
 
-@pytest.mark.parametrize("len_q", [3, 40])
-@pytest.mark.parametrize("len_kv", [90, 300])
+@pytest.mark.parametrize("len_q, len_kv", [(3, 90), (40, 90), (3, 300), (140, 300)])
 def test_large_scores_do_not_overflow(len_q, len_kv):
     # Scores in the thousands: exp overflows unless the running maximum is subtracted first.
     # Rounding such scores to float32 perturbs the weights by about max|score| ulps.
@@ -470,7 +470,7 @@ def test_every_instruction_set():
         "t.check(*t.qkv(2, 4, 2, 70, 133, 40, 24), mask=torch.rand(70, 133) < 0.8, window=(-1, 0), bottom_right=True); "
         "t.check(*t.qkv(1, 4, 2, 3, 1500, 72), kv_lens=torch.tensor([1200], dtype=torch.int32)); "
         "t.check(*t.qkv(1, 2, 2, 65, 80, 19, dtype=torch.float64)); "
-        "t.check(*t.qkv(1, 2, 2, 40, 300, 40), window=(-1, 0)); "
+        "t.check(*t.qkv(1, 2, 2, 140, 300, 40), window=(-1, 0)); "
         "t.check_bfloat16(*t.qkv(2, 4, 2, 70, 133, 40, dtype=torch.bfloat16), window=(-1, 0)); "
         "t.check_bfloat16_gradients(*t.qkv(1, 4, 2, 70, 133, 40, 24), is_causal=True)"
     )

@@ -53,9 +53,10 @@ def test_matches_reference_with_the_same_mask(backend, len_q, len_kv, causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_float32_with_many_keys_on_the_cpu(causal):
-    """256 keys and more: the float32 prefill that runs on the AMX tiles where the CPU has them."""
-    q, k, v = torch.randn(1, 2, 70, 32), torch.randn(1, 2, 300, 32), torch.randn(1, 2, 300, 16)
-    dout = torch.randn(1, 2, 70, 16)
+    """256 keys and 128 queries and more: the float32 kernels that run on the AMX tiles where the
+    CPU has them."""
+    q, k, v = torch.randn(1, 2, 140, 32), torch.randn(1, 2, 300, 32), torch.randn(1, 2, 300, 16)
+    dout = torch.randn(1, 2, 140, 16)
     seed = int(torch.randint(0, 2**31, ()))
     got, exact, _ = run_with_mask(SimpleNamespace(device=torch.device("cpu")), torch.float32, q, k, v, dout, 0.3, seed, is_causal=causal)
     for name, g, e in zip(("out", "dq", "dk", "dv"), got, exact):

@@ -84,12 +84,15 @@ void attention_forward(const AttentionParams&, const CudaExec&);
 #if defined(GK_HAVE_AMX)
 namespace avx512 {
 // AMX tiles (attention_amx_cpu.cpp), for cpu_isa() == Isa::amx: the prefill forward and the
-// backward of bfloat16, and of float32 with at least kAmxMinKeysFloat32 keys. float32 pays six
-// tile products a product and the splitting of its operands; below that the AVX-512 kernels win
-// (2 threads, B4 E64, 50 GFLOP: forward with 128 keys 117 ms on the tiles against 92, with 256
-// keys 58 against 70; backward with 128 keys 178 against 180, causal 181 against 159; with 256
-// keys 127 against 143, causal 108 against 106).
-constexpr int64_t kAmxMinKeysFloat32 = 256;
+// backward of bfloat16, and of float32 with at least 256 keys and 128 queries. float32 pays six
+// tile products a product and the splitting and packing of its operands; below that the AVX-512
+// kernels win (2 threads, E64, L queries and S keys; on the tiles against AVX-512):
+//   B4, L = S, 50 GFLOP:  S 128: forward 117 ms against 92; backward 178 against 180, causal 181
+//                         against 159.  S 256: forward 58 against 70; backward 127 against 143,
+//                         causal 108 against 106.
+//   B4 H16 S4096:         L 64: forward 28 against 23, backward 65 against 67.  L 128: forward
+//                         37 against 43, backward 86 against 97.
+constexpr int64_t kAmxMinKeysFloat32 = 256, kAmxMinQueriesFloat32 = 128;
 void attention_forward_amx(const AttentionParams&, int threads);
 void attention_backward_amx(const AttentionBackwardParams&, int threads);
 }  // namespace avx512

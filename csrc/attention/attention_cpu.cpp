@@ -274,7 +274,8 @@ void run(const AttentionParams& p, const CpuExec& exec) {
   const int threads = exec.threads > 1 ? exec.threads : 1;
 #if defined(__AVX512F__) && defined(GK_HAVE_AMX)
   if constexpr (!std::is_same_v<T, double>) {
-    const bool tiles_pay = std::is_same_v<T, Bf16> || p.len_kv >= kAmxMinKeysFloat32;
+    const bool tiles_pay =
+        std::is_same_v<T, Bf16> || (p.len_kv >= kAmxMinKeysFloat32 && p.len_q >= kAmxMinQueriesFloat32);
     if (cpu_isa() == Isa::amx && p.len_q > kDecodeMaxLen && tiles_pay) return attention_forward_amx(p, threads);
   }
 #endif
