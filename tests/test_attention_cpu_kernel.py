@@ -297,18 +297,6 @@ def test_bfloat16_gradients_on_amx_tiles(case):
 
 
 @pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
-def test_bfloat16_gradients_split_over_keys_on_amx_tiles():
-    """One key/value head and more threads than heads: the key tiles are dealt to several tasks
-    and their dQ parts summed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(4)
-    try:
-        check_bfloat16_gradients(*qkv(1, 3, 1, 90, 300, 64), is_causal=True)
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
 @pytest.mark.parametrize("kind", ["bool", "float32", "bfloat16"])
 def test_bfloat16_masks_and_strides_on_amx_tiles(kind):
     """Broadcast masks of every kind (with fully masked rows), and queries, keys and values read
@@ -392,11 +380,15 @@ def test_float32_gradients_on_amx_tiles(case):
 
 
 @pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
-def test_float32_gradients_split_over_keys_on_amx_tiles():
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_gradients_split_over_keys_on_amx_tiles(dtype):
+    """One key/value head and more threads than heads: the key tiles are dealt to several tasks
+    and their dQ parts summed."""
+    check = check_bfloat16_gradients if dtype == "bfloat16" else check_float32_gradients
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        check_float32_gradients(*qkv(1, 3, 1, 190, 600, 64), is_causal=True)
+        check(*qkv(1, 3, 1, 190, 600, 64), is_causal=True)
     finally:
         torch.set_num_threads(threads)
 
