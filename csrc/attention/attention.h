@@ -84,17 +84,22 @@ void attention_forward(const AttentionParams&, const CudaExec&);
 #if defined(GK_HAVE_AMX)
 namespace avx512 {
 // AMX tiles (attention_amx_cpu.cpp), for cpu_isa() == Isa::amx: the prefill forward and the
-// backward of bfloat16, and of float32 with at least 256 keys and 128 queries. float32 pays six
-// tile products a product and the splitting and packing of its operands; below that the AVX-512
-// kernels win (2 threads, E64, L queries and S keys; on the tiles against AVX-512):
+// backward where amx_pays says so.
+void attention_forward_amx(const AttentionParams&, int threads);
+void attention_backward_amx(const AttentionBackwardParams&, int threads);
+
+// Whether attention of this dtype with len_q queries and len_kv keys is worth the tiles: bfloat16
+// always, float32 with at least 256 keys and 128 queries. float32 pays six tile products a
+// product and the splitting and packing of its operands; below that the AVX-512 kernels win
+// (2 threads, E64, L queries and S keys; on the tiles against AVX-512):
 //   B4, L = S, 50 GFLOP:  S 128: forward 117 ms against 92; backward 178 against 180, causal 181
 //                         against 159.  S 256: forward 58 against 70; backward 127 against 143,
 //                         causal 108 against 106.
 //   B4 H16 S4096:         L 64: forward 28 against 23, backward 65 against 67.  L 128: forward
 //                         37 against 43, backward 86 against 97.
-constexpr int64_t kAmxMinKeysFloat32 = 256, kAmxMinQueriesFloat32 = 128;
-void attention_forward_amx(const AttentionParams&, int threads);
-void attention_backward_amx(const AttentionBackwardParams&, int threads);
+constexpr bool amx_pays(DType dtype, int64_t len_q, int64_t len_kv) {
+  return dtype == DType::bf16 || (dtype == DType::f32 && len_kv >= 256 && len_q >= 128);
+}
 }  // namespace avx512
 #endif
 GK_DECLARE_PER_ISA(void attention_backward(const AttentionBackwardParams&, const CpuExec&))

@@ -138,40 +138,42 @@ __m512 widen(__m256i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cv
 __m512 load16(const uint16_t* p, __mmask16 lanes) { return widen(_mm256_maskz_loadu_epi16(lanes, p)); }
 __m512 load16(const float* p, __mmask16 lanes) { return _mm512_maskz_loadu_ps(lanes, p); }
 
-// part[k * plane, + 16) = the k-th bfloat16 part of 16 floats x, k < P.
-template <int P>
+// part[k * plane, + 16) = the k-th of the three bfloat16 parts of 16 floats x.
 void store_parts(__m512 x, uint16_t* part, int64_t plane) {
-  for (int k = 0; k < P; ++k) {
+  for (int k = 0; k < 3; ++k) {
     const __m256i rounded = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(part + k * plane), rounded);
-    if (k + 1 < P) x = _mm512_sub_ps(x, widen(rounded));
+    x = _mm512_sub_ps(x, widen(rounded));
   }
 }
 
-// w[k * plane, + 32) = the k-th of three bfloat16 parts of 32 weights (x0: the first 16, x1: the
-// next), by truncation: each part is the top half of what the ones before leave, so the parts
-// sum to the weights exactly, with a quarter of the instructions of rounding.
+// The weights and score gradients are split by truncation instead: each part is the top half of
+// what the ones before leave, so the parts sum to x exactly, with a quarter of the instructions
+// of rounding. peel returns x's bits (the next part in the high half of each lane) and leaves x
+// the rest.
+__m512i peel(__m512& x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  x = _mm512_sub_ps(x, _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(static_cast<int>(0xffff0000u)))));
+  return bits;
+}
+
+// w[k * plane, + 32) = the k-th of three parts of 32 weights (x0: the first 16, x1: the next).
 void store_weight_parts(__m512 x0, __m512 x1, uint16_t* w, int64_t plane) {
-  const __m512 top = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0xffff0000u)));
   const __m512i high_halves = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29,
                                                27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
   for (int k = 0; k < 3; ++k) {
-    const __m512i parts = _mm512_permutex2var_epi16(_mm512_castps_si512(x0), high_halves, _mm512_castps_si512(x1));
-    _mm512_storeu_si512(w + k * plane, parts);
-    x0 = _mm512_sub_ps(x0, _mm512_and_ps(x0, top));
-    x1 = _mm512_sub_ps(x1, _mm512_and_ps(x1, top));
+    const __m512i a = peel(x0), b = peel(x1);
+    _mm512_storeu_si512(w + k * plane, _mm512_permutex2var_epi16(a, high_halves, b));
   }
 }
 
 // The three parts of 16 weights each of two keys, x0 and x1, pair-interleaved (element 2n from
-// x0, 2n + 1 from x1), by truncation as above: a 32-bit lane holds x1's part over x0's.
+// x0, 2n + 1 from x1): a 32-bit lane holds x1's part over x0's.
 void store_interleaved_parts(__m512 x0, __m512 x1, uint16_t* w, int64_t plane) {
   const __m512i top = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   for (int k = 0; k < 3; ++k) {
-    const __m512i a = _mm512_castps_si512(x0), b = _mm512_castps_si512(x1);
+    const __m512i a = peel(x0), b = peel(x1);
     _mm512_storeu_si512(w + k * plane, _mm512_or_si512(_mm512_and_si512(b, top), _mm512_srli_epi32(a, 16)));
-    x0 = _mm512_sub_ps(x0, _mm512_castsi512_ps(_mm512_and_si512(a, top)));
-    x1 = _mm512_sub_ps(x1, _mm512_castsi512_ps(_mm512_and_si512(b, top)));
   }
 }
 
@@ -181,7 +183,7 @@ void gather_rows(const float* src, int64_t ld, int64_t dim, int64_t valid, int64
   for (int64_t i = 0; i < count; ++i) {
     const int64_t n = i < valid ? dim : 0;
     for (int64_t e = 0; e < width; e += kRows)
-      store_parts<3>(_mm512_maskz_loadu_ps(e < n ? lanes_below(e, n) : 0, src + i * ld + e), rows + i * width + e, plane);
+      store_parts(_mm512_maskz_loadu_ps(e < n ? lanes_below(e, n) : 0, src + i * ld + e), rows + i * width + e, plane);
   }
 }
 void gather_rows(const uint16_t* src, int64_t ld, int64_t dim, int64_t valid, int64_t count, int64_t width,

@@ -266,11 +266,7 @@ void run(const AttentionBackwardParams& bp, const CpuExec& exec) {
   if (p.batch * (p.heads_q * p.len_q + p.heads_kv * p.len_kv) == 0 || p.dim_qk * p.dim_v == 0) return;
   const int threads = exec.threads > 1 ? exec.threads : 1;
 #if defined(__AVX512F__) && defined(GK_HAVE_AMX)
-  if constexpr (!std::is_same_v<T, double>) {
-    const bool tiles_pay =
-        std::is_same_v<T, Bf16> || (p.len_kv >= kAmxMinKeysFloat32 && p.len_q >= kAmxMinQueriesFloat32);
-    if (cpu_isa() == Isa::amx && tiles_pay) return attention_backward_amx(bp, threads);
-  }
+  if (cpu_isa() == Isa::amx && amx_pays(p.dtype, p.len_q, p.len_kv)) return attention_backward_amx(bp, threads);
 #endif
   const Attention<T> at(p);
   Backward<T>(at, bp).run(threads);

@@ -273,11 +273,8 @@ void run(const AttentionParams& p, const CpuExec& exec) {
   if (p.batch * p.heads_q * p.len_q == 0) return;
   const int threads = exec.threads > 1 ? exec.threads : 1;
 #if defined(__AVX512F__) && defined(GK_HAVE_AMX)
-  if constexpr (!std::is_same_v<T, double>) {
-    const bool tiles_pay =
-        std::is_same_v<T, Bf16> || (p.len_kv >= kAmxMinKeysFloat32 && p.len_q >= kAmxMinQueriesFloat32);
-    if (cpu_isa() == Isa::amx && p.len_q > kDecodeMaxLen && tiles_pay) return attention_forward_amx(p, threads);
-  }
+  if (cpu_isa() == Isa::amx && p.len_q > kDecodeMaxLen && amx_pays(p.dtype, p.len_q, p.len_kv))
+    return attention_forward_amx(p, threads);
 #endif
   const Attention<T> at(p);
   if (p.len_q <= kDecodeMaxLen)
