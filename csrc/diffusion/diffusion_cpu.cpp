@@ -122,7 +122,10 @@ void diffusion_step(const DiffusionStepParams& p, const CpuExec& exec) {
 void q_sample(const QSampleParams& p, const CpuExec& exec) {
   p.check();
   require_float_dtype("q_sample", p.dtype, "cpu", false);
-  advise_huge_pages(p.x_t, p.batch * p.row * dtype_size(p.dtype));
+  const size_t bytes = p.batch * p.row * dtype_size(p.dtype);
+  advise_huge_pages(p.x_t, bytes);
+  if (!p.noise_given) advise_huge_pages(p.noise, bytes);
+  if (p.velocity) advise_huge_pages(p.velocity, bytes);
   GK_CPU_DISPATCH(q_sample, p, exec);
 }
 
