@@ -54,6 +54,27 @@ def test_compiled_modules_do_not_link_torch():
             assert lib not in needed, f"{module.name} links {lib}"
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_cpu_kernels_run_on_torchs_openmp_threads():
+    """One OpenMP runtime in the process, and a parallel kernel starts no threads of its own: it
+    runs on the threads PyTorch's CPU ops use (common/parallel.h)."""
+    script = """
+import os, re, torch, genkernels
+torch.set_num_threads(2)
+x = torch.randn(1 << 20)
+(x + 1).sum()  # starts PyTorch's OpenMP threads
+before = len(os.listdir("/proc/self/task"))
+genkernels.randn_like(x)
+after = len(os.listdir("/proc/self/task"))
+runtimes = {line.split()[-1] for line in open("/proc/self/maps") if re.search(r"/lib[gi]?omp[^/]*$", line.strip())}
+print(before, after, len(runtimes))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    before, after, runtimes = map(int, out)
+    assert runtimes == 1
+    assert after == before
+
+
 def test_unsupported_device_gives_clear_error():
     with pytest.raises(ValueError, match="cpu and cuda"):
         _backend.launch_for(torch.empty(2, device="meta"))
