@@ -67,15 +67,18 @@ class AttentionBlock(nn.Module):
         super().__init__()
         self.heads, self.ops = heads, ops
         self.norm = nn.GroupNorm(8, channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = nn.Conv2d(channels, channels, 1)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).view(b, 3, self.heads, c // self.heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, E)
-        y = self.ops.attention(q, k, v)
-        return x + self.proj(y.transpose(-1, -2).reshape(b, c, h, w))
+        # Positions as rows, as diffusers' attention blocks take them: q, k and v then come out of
+        # the projection with contiguous features, which the attention kernels read in place.
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        qkv = self.qkv(tokens).unflatten(-1, (3, self.heads, c // self.heads))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, HW, E)
+        y = self.ops.attention(q, k, v).transpose(1, 2).flatten(2)  # (B, HW, C)
+        return x + self.proj(y).transpose(1, 2).reshape(b, c, h, w)
 
 
 class UNet(nn.Module):
