@@ -111,6 +111,9 @@ void gather_rows(const uint16_t* src, int64_t ld, int64_t dim, int64_t valid, in
 // an order where each shares a part with the one before (14 tile loads for 6 products, not 24).
 template <class E>
 constexpr int kParts = std::is_same_v<E, float> ? 3 : 1;
+// The element type whose Attention (masks, dropout, scale) a kernel of E takes.
+template <class E>
+using AttentionOf = Attention<std::conditional_t<kParts<E> == 1, Bf16, float>>;
 
 // Which parts of A and B each product of a sum takes, and how far apart the parts lie.
 struct Pair {
@@ -477,28 +480,21 @@ void round_weights(const float* row, int64_t width, uint16_t* w, int64_t plane) 
   }
 }
 
-// out[0, dim) = factor * src rounded to bfloat16: to nearest even, like store_as, but with
+// out[0, dim) = factor * src, as E. Rounded to bfloat16 to nearest even, like store_as, but with
 // subnormals flushed to zero (the conversion instruction's rule).
-void store_bf16(uint16_t* out, const float* src, int64_t dim, float factor) {
-  const __m512 f = splat16(factor);
+void store_row(uint16_t* out, const float* src, int64_t dim, float factor) {
   for (int64_t e = 0; e < dim; e += kRows) {
     const __mmask16 part = lanes_below(e, dim);
-    const __m256bh x = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(part, src + e), f));
+    const __m256bh x = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(part, src + e), splat16(factor)));
     _mm256_mask_storeu_epi16(out + e, part, reinterpret_cast<__m256i>(x));
   }
 }
-
-// out[0, dim) = factor * src.
-void store_f32(float* out, const float* src, int64_t dim, float factor) {
+void store_row(float* out, const float* src, int64_t dim, float factor) {
   for (int64_t e = 0; e < dim; e += kRows) {
     const __mmask16 part = lanes_below(e, dim);
     _mm512_mask_storeu_ps(out + e, part, _mm512_mul_ps(_mm512_maskz_loadu_ps(part, src + e), splat16(factor)));
   }
 }
-
-// out[0, dim) = factor * src, as E.
-void store_row(uint16_t* out, const float* src, int64_t dim, float factor) { store_bf16(out, src, dim, factor); }
-void store_row(float* out, const float* src, int64_t dim, float factor) { store_f32(out, src, dim, factor); }
 
 // out(row) = o / used (out of E) and the log-sum-exp of m and l; zeros for a query with no key.
 template <class E>
@@ -518,7 +514,7 @@ constexpr int64_t kGroup = 4;
 template <class E>
 void prefill(const AttentionParams& p, int threads) {
   constexpr int P = kParts<E>;
-  const Attention<std::conditional_t<P == 1, Bf16, float>> at(p);
+  const AttentionOf<E> at(p);
   const int64_t ldq = round_up(p.dim_qk, kDepth), ldo = round_up(p.dim_v, kDepth);
   const int64_t tiles = (p.len_q + kBr - 1) / kBr, groups = (tiles + kGroup - 1) / kGroup, heads = p.batch * p.heads_q;
   // A task is every parts-th group of query tiles of a head (from the last, the longest under a
@@ -873,7 +869,7 @@ class Backward {
 
   const AttentionBackwardParams& bp_;
   const AttentionParams& p_;
-  const Attention<std::conditional_t<P == 1, Bf16, float>> at_;
+  const AttentionOf<E> at_;
   // Rows of the weights (ldw_, bfloat16) and of dQ^T (lddq_, float32) are padded by a cache line:
   // rows 4 KiB apart would share the first-level cache's sets.
   int64_t group_, len_qp_, ldw_, lddq_, dk_, dv_;
