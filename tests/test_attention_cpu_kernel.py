@@ -337,6 +337,24 @@ def test_float32_on_amx_tiles(case):
     check(*qkv(*shape), **kwargs)
 
 
+@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("len_q", [20, 160])
+def test_maxima_moving_in_every_key_tile_on_amx_tiles(dtype, len_q):
+    # Scores that grow by ~8 from one tile of 64 keys to the next, so that every tile moves the
+    # running maximum and rescales the output, also for a query tile alone in its group (20
+    # queries; the fifth tile of 160). float32 runs a tile's softmax beside the products of the
+    # tile before; for a query tile alone, those products add to the output it rescales.
+    positions = torch.arange(400, dtype=torch.float32)[:, None]
+    q = (torch.rand(1, 2, len_q, 64) + 0.5).to(dtype)
+    k = (torch.rand(1, 2, 400, 64) * positions / 32).to(dtype)
+    v = torch.randn(1, 2, 400, 64, dtype=dtype)
+    if dtype == torch.float32:
+        check(q, k, v)
+    else:
+        check_bfloat16(q, k, v)
+
+
 def check_float32_gradients(q, k, v, mask=None, **kwargs):
     """Gradients of float32 attention (through the public op, a float mask's included) within
     1e-4 of the largest float64 gradient."""

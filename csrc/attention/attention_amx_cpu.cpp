@@ -16,7 +16,9 @@
 //   O += P V           A: P rounded to bfloat16 (as flash attention does on GPUs), the output
 //                      divided by the sum of the rounded weights; B: V with pairs of key rows
 //                      interleaved (packed per head)
-// O stays in float32 in memory between tiles, as the rescaling needs it there. A task is a head's
+// O stays in float32 in memory between tiles, as the rescaling needs it there. In float32 the
+// softmax of a query tile on a key tile runs between the tile products of the pairs before and
+// after it, so that the vector unit works while the tile unit does. A task is a head's
 // query tiles (or every few of them when heads are few), and its thread packs the head's keys
 // and values as far as the tiles reach: O(len_kv x dims) per thread, never O(len_q x len_kv).
 // float32 takes the same path with Q, K, V and P each in three bfloat16 parts and six part
@@ -308,9 +310,15 @@ class PackedHead {
 // (+)= sum over `steps` of A (rows 0-15 at a, 16-31 at a + 16 lda; a_step apart) times the B
 // tiles b0 (columns 0-15) and b1 (16-31), b_step apart; for each pair of parts of `parts`. Four
 // independent products a step: tiles are not renamed, so a product waits for the last one into
-// its tile.
+// its tile. between() runs after each pair's products: vector work placed there runs while the
+// tile unit multiplies.
+struct Idle {
+  void operator()() const {}
+};
+template <class Between = Idle>
 void quad(float* c, int64_t ldc, bool accumulate, int64_t steps, const uint16_t* a, int64_t lda, int64_t a_step,
-          const uint16_t* b0, const uint16_t* b1, int64_t b_step, const Parts& parts = kWhole) {
+          const uint16_t* b0, const uint16_t* b1, int64_t b_step, const Parts& parts = kWhole,
+          Between&& between = Between{}) {
   float* c1 = c + kRows * ldc;
   if (accumulate) {
     _tile_loadd(0, c, 4 * ldc);
@@ -345,6 +353,7 @@ void quad(float* c, int64_t ldc, bool accumulate, int64_t steps, const uint16_t*
       _tile_dpbf16ps(1, 4, 7);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
+      between();
     }
   }
   _tile_stored(0, c, 4 * ldc);
@@ -355,23 +364,49 @@ void quad(float* c, int64_t ldc, bool accumulate, int64_t steps, const uint16_t*
 
 // s[i][jj] = q_i . k_(j0 + jj) for the 32 queries of q (ldq elements apart, parts 32 ldq apart)
 // and `count` keys from j0 (a multiple of 32), count <= Bc; s's rows are Bc apart.
-template <class E>
-void tile_scores(const uint16_t* q, int64_t ldq, const PackedHead<E>& kv, int64_t j0, int64_t count, float* s) {
+template <class E, class Between>
+void tile_scores(const uint16_t* q, int64_t ldq, const PackedHead<E>& kv, int64_t j0, int64_t count, float* s,
+                 Between&& between) {
   const Parts parts = parts_of<E>(kBr * ldq, kv.key_part());
   for (int64_t jc = 0; jc < count; jc += kDepth)
     quad(s + jc, kBc, false, kv.chunks(), q, ldq, kDepth, kv.keys(j0 + jc, 0), kv.keys(j0 + jc + kRows, 0), kTileElems,
-         parts);
+         parts, between);
 }
 
 // o[i] += sum_jj p[i][jj] v_(j0 + jj) for the 32 rows of p (bfloat16, Bc apart, parts 32 Bc
 // apart) over `count` keys from j0, count a multiple of 32 up to Bc; o's rows are ldo apart.
-template <class E>
-void tile_values(const uint16_t* p, const PackedHead<E>& kv, int64_t j0, int64_t count, float* o, int64_t ldo) {
+template <class E, class Between>
+void tile_values(const uint16_t* p, const PackedHead<E>& kv, int64_t j0, int64_t count, float* o, int64_t ldo,
+                 Between&& between) {
   const Parts parts = parts_of<E>(kBr * kBc, kv.value_part());
   for (int64_t vb = 0; vb < kv.blocks(); vb += 2)
     quad(o + vb * kRows, ldo, true, count / kDepth, p, kBc, kDepth, kv.values(j0, vb), kv.values(j0, vb + 1),
-         kv.blocks() * kTileElems, parts);
+         kv.blocks() * kTileElems, parts, between);
 }
+
+// The number of times tile_scores (tile_values) runs `between` for `count` keys.
+template <class E>
+int64_t score_pairs(const PackedHead<E>& kv, int64_t count) {
+  return count / kDepth * kv.chunks() * parts_of<E>(0, 0).count;
+}
+template <class E>
+int64_t value_pairs(const PackedHead<E>& kv, int64_t count) {
+  return kv.blocks() / 2 * (count / kDepth) * parts_of<E>(0, 0).count;
+}
+
+// Runs step(i) for the rows i of [0, rows) in order, spread evenly over `calls` calls (the rest
+// at finish()): a softmax spread between the products of a tile stream.
+template <class Step>
+struct RowFeed {
+  Step step;
+  int64_t rows, calls, called = 0, next = 0;
+  void operator()() {
+    for (const int64_t upto = ++called * rows / calls; next < upto;) step(next++);
+  }
+  void finish() {
+    while (next < rows) step(next++);
+  }
+};
 
 // ---------------------------------------------------------------- softmax
 // The running maximum m of a query may lag its scores by up to kSlack (base 2): the weights
@@ -506,6 +541,13 @@ void write_row(const AttentionParams& p, int64_t row, const float* o, float m, _
 }
 
 // ---------------------------------------------------------------- forward
+// One query tile's pass over one key tile: member g of the group (queries [qi, + rows)), keys
+// [j0, + n) of a tile, their scores `width` wide; masked: some scores need masking.
+struct Visit {
+  int64_t g, j0, qi, rows, n, width;
+  bool masked;
+};
+
 // Query tiles a task takes at once: a key tile comes from memory for the first and is still in
 // the cache for the others (long sequences, whose packed keys and values outgrow the cache).
 constexpr int64_t kGroup = 4;
@@ -526,8 +568,8 @@ void prefill(const AttentionParams& p, int threads) {
     configure_tiles();
     PackedHead<E> kv(p);
     const int64_t q_part = kBr * ldq, w_part = kBr * kBc;
-    Buffer<uint16_t> q(kGroup * P * q_part), w(P * w_part);
-    Buffer<float> s(kBr * kBc), o(kGroup * kBr * ldo);
+    Buffer<uint16_t> q(kGroup * P * q_part), w(2 * P * w_part);  // two buffers each of weights
+    Buffer<float> s(2 * kBr * kBc), o(kGroup * kBr * ldo);         // and scores
     RowState st[kGroup];
     for (int64_t item; next(&item);) {
       const int64_t b = item / parts / p.heads_q, h = item / parts % p.heads_q, hk = h / at.group();
@@ -553,32 +595,84 @@ void prefill(const AttentionParams& p, int threads) {
           j_end = max64(j_end, end(g));
         }
         if (j_first < j_end) kv.ensure(b, hk, band.kv_len, round_up(j_end, kBc));
-        for (int64_t j0 = j_first; j0 < j_end; j0 += kBc) {
-          for (int64_t g = 0; g < members; ++g) {
-            if (j0 < first(g) || j0 >= end(g)) continue;
-            const int64_t qi = i0(g), rows = count(g), n = min64(kBc, end(g) - j0), width = round_up(n, kDepth);
-            float* og = o.get() + g * kBr * ldo;
-            // Rows past count take no weights (zero), so their outputs stay finite.
-            for (int k = 0; k < P && rows < kBr; ++k)
-              std::memset(w.get() + k * w_part + rows * kBc, 0, sizeof(uint16_t) * (kBr - rows) * kBc);
-            tile_scores(q.get() + g * P * q_part, ldq, kv, j0, width, s.get());
-            // Scores past the band's edge, past n or under a mask are made base 2 and masked first.
-            const bool masked = p.mask || n < width || !band.covers(qi, qi + rows, j0, j0 + n);
-            for (int64_t i = 0; i < rows; ++i) {
-              float* row = s.get() + i * kBc;
-              if (masked) {
-                scale_in_range(row, width, c, band.first(qi + i) - j0, min64(band.end(qi + i) - j0, n));
-                if (p.mask) at.mask_scores(band, b, h, qi + i, j0, n, row, 1);
-              }
-              softmax_row<P>(row, width, masked ? 1.0f : c, st[g], i, og + i * ldo, ldo, w.get() + i * kBc, w_part,
-                             at.dropout());
-              if (at.dropout()) {
-                at.drop(b, h, qi + i, j0, n, row, 1);
-                round_weights<P>(row, width, w.get() + i * kBc, w_part);
-              }
+        // The sweep visits the members' key tiles key tile by key tile, each visit in three
+        // stages: scores (tile unit), softmax (vector unit), values (tile unit). In float32 round
+        // r runs the softmax of visit r - 1 spread between the products of visit r - 2's values
+        // and visit r's scores, so that both units work at once (scores and weights alternate
+        // between two buffers); the softmax rescales its member's O rows, so it waits for the
+        // values of visit r - 2 when both are of the same member. bfloat16, whose softmax
+        // outweighs its products, runs the stages of a visit in turn (measured faster).
+        constexpr int64_t lag = P > 1 ? 1 : 0;
+        auto visit = [&](int64_t g, int64_t j0) {
+          const int64_t qi = i0(g), rows = count(g), n = min64(kBc, end(g) - j0);
+          // Scores past the band's edge, past n or under a mask are made base 2 and masked first.
+          const bool masked = p.mask || n < round_up(n, kDepth) || !band.covers(qi, qi + rows, j0, j0 + n);
+          return Visit{g, j0, qi, rows, n, round_up(n, kDepth), masked};
+        };
+        auto in_band = [&](int64_t g, int64_t j0) { return j0 >= first(g) && j0 < end(g); };
+        auto after = [&](const Visit& v) {  // the sweep's next visit; its j0 is j_end past the last
+          int64_t g = v.g, j0 = v.j0;
+          do {
+            if (++g == members) g = 0, j0 += kBc;
+          } while (j0 < j_end && !in_band(g, j0));
+          return visit(g, j0);
+        };
+        auto scores_of = [&](int64_t r) { return s.get() + (r & 1) * kBr * kBc; };
+        auto weights_of = [&](int64_t r) { return w.get() + (r & 1) * P * w_part; };
+        auto output_of = [&](const Visit& v) { return o.get() + v.g * kBr * ldo; };
+        auto values = [&](const Visit& v, int64_t r, auto&& between) {
+          tile_values(weights_of(r), kv, v.j0, v.width, output_of(v), ldo, between);
+        };
+        // Visits r, r - 1 and r - 2 of round r, where they exist.
+        Visit ahead = visit(0, j_first), last = ahead, before_last = ahead;
+        if (!in_band(0, j_first)) ahead = after(ahead);
+        bool has_last = false, has_before_last = false;
+        for (int64_t r = 0; ahead.j0 < j_end || has_last || has_before_last; ++r) {
+          const bool has_ahead = ahead.j0 < j_end;
+          const Visit& v = lag ? last : ahead;  // the softmax's visit
+          const bool has_softmax = lag ? has_last : has_ahead;
+          const bool apart = !(has_softmax && has_before_last && v.g == before_last.g);
+          float* sv = scores_of(r - lag);
+          uint16_t* wv = weights_of(r - lag);
+          auto softmax = [&](int64_t i) {
+            float* row = sv + i * kBc;
+            if (v.masked) {
+              scale_in_range(row, v.width, c, band.first(v.qi + i) - v.j0, min64(band.end(v.qi + i) - v.j0, v.n));
+              if (p.mask) at.mask_scores(band, b, h, v.qi + i, v.j0, v.n, row, 1);
             }
-            tile_values(w.get(), kv, j0, width, og, ldo);
+            softmax_row<P>(row, v.width, v.masked ? 1.0f : c, st[v.g], i, output_of(v) + i * ldo, ldo, wv + i * kBc,
+                           w_part, at.dropout());
+            if (at.dropout()) {
+              at.drop(b, h, v.qi + i, v.j0, v.n, row, 1);
+              round_weights<P>(row, v.width, wv + i * kBc, w_part);
+            }
+          };
+          const int64_t calls = (has_before_last && apart ? value_pairs(kv, before_last.width) : 0) +
+                                (lag && has_ahead ? score_pairs(kv, ahead.width) : 0);
+          RowFeed<decltype(softmax)> feed{softmax, has_softmax ? v.rows : 0, max64(calls, 1)};
+          // Rows past count take no weights (zero), so their outputs stay finite.
+          for (int k = 0; k < P && has_softmax && v.rows < kBr; ++k)
+            std::memset(wv + k * w_part + v.rows * kBc, 0, sizeof(uint16_t) * (kBr - v.rows) * kBc);
+          if (has_before_last) {
+            if (apart)
+              values(before_last, r - 2, feed);
+            else
+              values(before_last, r - 2, Idle{});
           }
+          if (has_ahead) {
+            const uint16_t* qa = q.get() + ahead.g * P * q_part;
+            if (lag)
+              tile_scores(qa, ldq, kv, ahead.j0, ahead.width, scores_of(r), feed);
+            else
+              tile_scores(qa, ldq, kv, ahead.j0, ahead.width, scores_of(r), Idle{});
+          }
+          feed.finish();
+          if (!lag && has_ahead) values(ahead, r, Idle{});
+          before_last = last;
+          has_before_last = lag && has_last;
+          last = ahead;
+          has_last = has_ahead;
+          if (has_ahead) ahead = after(ahead);
         }
         for (int64_t g = 0; g < members; ++g)
           for (int64_t i = 0; i < count(g); ++i)
