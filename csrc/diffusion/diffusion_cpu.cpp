@@ -3,6 +3,8 @@
 // Work goes in blocks of kBlock elements aligned with the Philox stream's blocks, so the noise of
 // element e is the same normal as randn's e-th; a block is split where it crosses from one
 // sample's row to the next, and each piece runs with that sample's coefficients.
+#include <algorithm>
+
 #include "common/cpu_memory.h"
 #include "common/parallel.h"
 #include "diffusion/diffusion.h"
@@ -88,8 +90,11 @@ void diffusion_step_kernel(const DiffusionStepParams& p, int threads) {
       for (int64_t j = 0; j < count; ++j) z_buf[j] = static_cast<T>(drawn[j]);
       z = z_buf;
     }
-    for (int64_t j = 0; j < count; ++j)
-      std[j] = var ? k[kNoiseStd] * predicted_std(k, p.variance_input, var[begin + j]) : k[kNoiseStd];
+    // Two loops, not one with the choice inside: GCC leaves that one scalar.
+    if (var)
+      for (int64_t j = 0; j < count; ++j) std[j] = k[kNoiseStd] * predicted_std(k, p.variance_input, var[begin + j]);
+    else
+      std::fill(std, std + count, k[kNoiseStd]);
     const T* px0 = x0_prev ? x0_prev + begin : zeros;
     // The outputs are fresh tensors that alias no input: without runtime checks for the eight
     // pointers (more than GCC versions a loop for) the loop vectorises.
