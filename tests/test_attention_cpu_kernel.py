@@ -327,6 +327,9 @@ AMX_FLOAT32_CASES = {
     "bool mask": ((2, 3, 3, 140, 260, 48), dict(mask=torch.rand(2, 1, 140, 260) < 0.7)),
     "float mask": ((2, 3, 3, 140, 260, 48),
                    dict(mask=torch.randn(140, 260).masked_fill(torch.rand(140, 260) < 0.3, -math.inf))),
+    # Keys and values of over a megabyte packed: query tiles go in groups of eight.
+    "long, causal": ((1, 2, 2, 300, 1500, 64), dict(window=(-1, 0), bottom_right=True)),
+    "long, window": ((1, 1, 1, 330, 1400, 80), dict(window=(300, 40))),
 }
 
 
