@@ -306,15 +306,17 @@ class PackedHead {
 };
 
 // ---------------------------------------------------------------- the micro-kernel
+// Nothing to run between tile products.
+struct Idle {
+  void operator()() const {}
+};
+
 // A 32 x 32 block of C (float32, ldc apart: tiles at c, c + 16, c + 16 ldc, c + 16 ldc + 16)
 // (+)= sum over `steps` of A (rows 0-15 at a, 16-31 at a + 16 lda; a_step apart) times the B
 // tiles b0 (columns 0-15) and b1 (16-31), b_step apart; for each pair of parts of `parts`. Four
 // independent products a step: tiles are not renamed, so a product waits for the last one into
 // its tile. between() runs after each pair's products: vector work placed there runs while the
 // tile unit multiplies.
-struct Idle {
-  void operator()() const {}
-};
 template <class Between = Idle>
 void quad(float* c, int64_t ldc, bool accumulate, int64_t steps, const uint16_t* a, int64_t lda, int64_t a_step,
           const uint16_t* b0, const uint16_t* b1, int64_t b_step, const Parts& parts = kWhole,
