@@ -7,14 +7,29 @@
 # summary.md with the result of each step. A failed step does not stop the next ones, but nothing
 # runs without a successful setup; the exit status is non-zero if any step failed.
 #
-#   GENKERNELS_TORCH      torch requirement (default torch==2.13.0; pick the build for your CUDA)
+#   GENKERNELS_TORCH      torch requirement (default torch==2.13.0; pick the build for your CUDA),
+#                         or "system" to use the torch python3 already has (scripts/setup.sh)
+#   GENKERNELS_WHEELS     a folder of wheels to install from instead of an index (no network)
 #   GENKERNELS_EMULATION  ON (default) to also build and test the CPU emulation of the kernels
 #   GENKERNELS_WERROR     ON (default) to treat warnings as errors
+#   GPU_CHECK_STEPS       the steps after setup (default: cuda tests memcheck racecheck bench), so
+#                         that a machine lent with a time limit per command can run a few at a
+#                         time (the build folder makes setup quick after the first)
+#   GPU_CHECK_TESTS       a pytest -k expression that narrows the tests step (default: all tests)
+#
+# On a machine with torch and no network, for example:
+#   GENKERNELS_TORCH=system GENKERNELS_WHEELS=.whl GENKERNELS_EMULATION=OFF \
+#     GPU_CHECK_STEPS="cuda tests bench" GPU_CHECK_TESTS=cuda scripts/gpu-check.sh
+# with .whl holding what that python3 lacks of the tests' requirements (diffusers, say).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 STEPS=()  # one markdown table row per step
 FAILED=0
+selected=" ${GPU_CHECK_STEPS:-cuda tests memcheck racecheck bench} "
+wanted() { [[ $selected == *" $1 "* ]]; }
+test_filter=()
+[ -n "${GPU_CHECK_TESTS:-}" ] && test_filter=(-k "$GPU_CHECK_TESTS")
 # Before any output exists: what is being checked.
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 [ -n "$(git status --porcelain 2>/dev/null)" ] && commit="$commit (with uncommitted changes)"
@@ -58,8 +73,8 @@ fi
 # setup.sh creates or reuses .venv, installs torch and the build requirements, and builds.
 built=
 step setup setup.log env GENKERNELS_CUDA=ON GENKERNELS_EMULATION="${GENKERNELS_EMULATION:-ON}" \
-  GENKERNELS_WERROR="${GENKERNELS_WERROR:-ON}" \
-  bash -c '. scripts/setup.sh "$@"' setup.sh pytest pytest-benchmark scipy diffusers scikit-learn && built=yes
+  GENKERNELS_WERROR="${GENKERNELS_WERROR:-ON}" GK_EXTRA_PACKAGES="pytest pytest-benchmark scipy diffusers scikit-learn" \
+  bash scripts/setup.sh && built=yes
 PY=.venv/bin/python
 
 sanitizer=$(command -v compute-sanitizer || true)
@@ -69,29 +84,31 @@ done
 
 if [ -z "$built" ]; then
   for name in cuda tests memcheck racecheck bench; do
-    record "$name" "not run (setup failed)" 0 ""
+    wanted "$name" && record "$name" "not run (setup failed)" 0 ""
   done
 else
   # Without a usable GPU the CUDA tests would skip and the run would look clean.
-  step cuda cuda.log "$PY" -c '
+  wanted cuda && step cuda cuda.log "$PY" -c '
 import json, sys, genkernels
 info = genkernels.info()
 print(json.dumps(info, indent=2))
 if not (info["cuda_available"] and info["modules"]["_C_cuda"]):
     sys.exit("torch cannot use the GPU or genkernels._C_cuda is missing: the CUDA tests would be skipped")'
-  step tests tests.log "$PY" -m pytest tests -q -p no:cacheprovider
+  wanted tests && step tests tests.log "$PY" -m pytest tests -q -p no:cacheprovider "${test_filter[@]}"
   # The tests that run kernels on the GPU (the nvcc build test launches nothing). API errors are
   # not reported: torch and the module probe the runtime with calls that may fail by design.
   cuda_tests=(-m pytest tests -q -p no:cacheprovider -k "cuda and not cuda_build")
   for tool in memcheck racecheck; do
-    if [ -n "$sanitizer" ]; then
+    if ! wanted "$tool"; then
+      continue
+    elif [ -n "$sanitizer" ]; then
       step "$tool" "$tool.log" "$sanitizer" --tool "$tool" --error-exitcode 1 --report-api-errors no \
         "$PY" "${cuda_tests[@]}"
     else
       record "$tool" "skipped (compute-sanitizer not found on PATH or in \$CUDA_HOME/bin)" 0 ""
     fi
   done
-  step bench bench.log "$PY" -m genkernels bench --device cuda --json "$OUT/bench.json"
+  wanted bench && step bench bench.log "$PY" -m genkernels bench --device cuda --json "$OUT/bench.json"
 fi
 
 {
@@ -99,7 +116,7 @@ fi
   echo
   echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "- Commit: $commit"
-  echo "- Torch: ${GENKERNELS_TORCH:-torch==2.13.0}"
+  echo "- Torch: $([ -n "$built" ] && "$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || echo "${GENKERNELS_TORCH:-torch==2.13.0}")"
   driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)
   echo "- Driver: ${driver:-unknown}"
   echo "- compute-sanitizer: ${sanitizer:-not found}"
