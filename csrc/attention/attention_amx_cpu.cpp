@@ -613,10 +613,10 @@ void prefill(const AttentionParams& p, int threads) {
         // outweighs its products, runs the stages of a visit in turn (measured faster).
         constexpr int64_t lag = P > 1 ? 1 : 0;
         auto visit = [&](int64_t g, int64_t j0) {
-          const int64_t qi = i0(g), rows = count(g), n = min64(kBc, end(g) - j0);
+          const int64_t qi = i0(g), rows = count(g), n = min64(kBc, end(g) - j0), width = round_up(n, kDepth);
           // Scores past the band's edge, past n or under a mask are made base 2 and masked first.
-          const bool masked = p.mask || n < round_up(n, kDepth) || !band.covers(qi, qi + rows, j0, j0 + n);
-          return Visit{g, j0, qi, rows, n, round_up(n, kDepth), masked};
+          const bool masked = p.mask || n < width || !band.covers(qi, qi + rows, j0, j0 + n);
+          return Visit{g, j0, qi, rows, n, width, masked};
         };
         auto in_band = [&](int64_t g, int64_t j0) { return j0 >= first(g) && j0 < end(g); };
         auto after = [&](const Visit& v) {  // the sweep's next visit; its j0 is j_end past the last
