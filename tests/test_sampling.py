@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -103,6 +104,20 @@ def test_noise_is_standard_normal():
     assert abs(stats.skew(z.numpy())) < 5 * (6 / n) ** 0.5
     assert abs(stats.kurtosis(z.numpy())) < 5 * (24 / n) ** 0.5
     assert stats.kstest(z.numpy(), "norm").pvalue > 1e-3
+
+
+def test_box_muller_pairs_are_isotropic():
+    # The two normals of one transform (elements 2i, 2i + 1) are a standard normal point of the
+    # plane: its angle uniform on the circle (every one of the eight symmetries that carry the
+    # arc drawn, and no seam where their images meet), its squared radius exponential of mean 2.
+    from scipy import stats
+
+    z = normals(2_000_000, 77, 3, torch.device("cpu")).double().reshape(-1, 2)
+    angle = torch.atan2(z[:, 1], z[:, 0]).numpy()
+    counts = torch.histc(torch.from_numpy(angle), bins=64, min=-math.pi, max=math.pi).numpy()
+    assert stats.chisquare(counts).pvalue > 1e-3
+    assert stats.kstest(angle, "uniform", args=(-math.pi, 2 * math.pi)).pvalue > 1e-3
+    assert stats.kstest((z**2).sum(1).numpy(), "expon", args=(0, 2)).pvalue > 1e-3
 
 
 def test_seeds_and_offsets_give_independent_streams():

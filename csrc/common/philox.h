@@ -53,17 +53,23 @@ GK_HD Philox4 philox4x32_10(Philox4 ctr, uint32_t k0, uint32_t k1) {
   return ctr;
 }
 
-// Two standard normals from two 32-bit words (Box-Muller): u1 in (0, 1] from the top 24 bits
-// (so log u1 is finite and |z| <= 5.77), u2 in [0, 1).
+// Two standard normals from two 32-bit words by the Box-Muller transform,
+// z = sqrt(-2 ln u1) (cos theta, sin theta):
+// - u1 in (0, 1] from the top 24 bits of a, so that log u1 is finite and |z| <= 5.77;
+// - theta a point r of the arc [-pi/4, pi/4) from the top 24 bits of b, carried by one of the
+//   eight symmetries of the square that b's three low bits pick (swap the coordinates, negate
+//   either): each quarter of the circle is the image of the arc under two of them, so theta is
+//   uniform on the circle, with no range reduction.
 GK_HD void box_muller(uint32_t a, uint32_t b, float* z0, float* z1) {
   // Signed conversions: exact below 2^24, and they vectorise where unsigned ones do not (AVX2).
   const float u1 = static_cast<float>(static_cast<int32_t>(a >> 8) + 1) * 0x1p-24f;
-  const float u2 = static_cast<float>(static_cast<int32_t>(b >> 8)) * 0x1p-24f;
+  const float r = fmaf(static_cast<float>(static_cast<int32_t>(b >> 8)), detail::kPio2Hi * 0x1p-24f, -0.5f * detail::kPio2Hi);
   const float radius = sqrtf(-2.0f * log_positive(u1));
   float s, c;
-  sincos_turns(u2, &s, &c);
-  *z0 = radius * c;
-  *z1 = radius * s;
+  detail::sincos_reduced(r, &s, &c);
+  const bool swap = (b & 4u) != 0;
+  *z0 = bits_float(float_bits(radius * (swap ? s : c)) ^ (b << 31));
+  *z1 = bits_float(float_bits(radius * (swap ? c : s)) ^ ((b << 30) & 0x80000000u));
 }
 
 // The counter of group `group` in stream `offset`.

@@ -91,13 +91,19 @@ def philox_words(groups: int, key: Union[int, Tensor], offset: Union[int, Tensor
 def normal(n: int, seed: Union[int, Tensor], offset: Union[int, Tensor], dtype: torch.dtype = torch.float64) -> Tensor:
     """The first n normals of the stream (seed, offset), by Box-Muller in float64: element i is
     normal i % 4 of counter (i // 4, offset) under key seed (ints, or int64 scalar tensors as in
-    `philox_words`)."""
+    `philox_words`). Each pair of words (a, b) gives sqrt(-2 ln u1) (cos theta, sin theta) with
+    u1 from the top 24 bits of a, and theta a point of the arc [-pi/4, pi/4) from the top 24 bits
+    of b carried by the symmetry of the square that b's three low bits pick: bit 2 swaps the
+    coordinates, bits 0 and 1 negate the first and the second."""
     words = philox_words((n + 3) // 4, seed, offset)
-    u1 = ((words[:, 0::2] >> 8) + 1).double() * 2.0**-24
-    u2 = (words[:, 1::2] >> 8).double() * 2.0**-24
+    a, b = words[:, 0::2], words[:, 1::2]
+    u1 = ((a >> 8) + 1).double() * 2.0**-24
+    r = (b >> 8).double() * (math.pi / 2 * 2.0**-24) - math.pi / 4
     radius = torch.sqrt(-2.0 * torch.log(u1))
-    angle = 2.0 * math.pi * u2
-    z = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=-1)  # (groups, 2 pairs, 2)
+    swap = (b & 4) != 0
+    first = torch.where(swap, torch.sin(r), torch.cos(r)) * torch.where((b & 1) != 0, -radius, radius)
+    second = torch.where(swap, torch.cos(r), torch.sin(r)) * torch.where((b & 2) != 0, -radius, radius)
+    z = torch.stack([first, second], dim=-1)  # (groups, 2 pairs, 2)
     return z.reshape(-1)[:n].to(dtype)
 
 
