@@ -23,6 +23,7 @@ from genkernels import _C
 from genkernels._backend import DTYPE_CODES
 
 BOOL_CODE = 6
+needs_amx = pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
 
 
 def kernel(q, k, v, mask=None, kv_lens=None, scale=None, window=(-1, -1), bottom_right=False, threads=None):
@@ -271,7 +272,7 @@ AMX_CASES = {
 }
 
 
-@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
+@needs_amx
 @pytest.mark.parametrize("case", list(AMX_CASES))
 def test_bfloat16_on_amx_tiles(case):
     shape, kwargs = AMX_CASES[case]
@@ -289,14 +290,14 @@ AMX_GRADIENT_CASES = {
 }
 
 
-@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
+@needs_amx
 @pytest.mark.parametrize("case", list(AMX_GRADIENT_CASES))
 def test_bfloat16_gradients_on_amx_tiles(case):
     shape, kwargs = AMX_GRADIENT_CASES[case]
     check_bfloat16_gradients(*qkv(*shape), **kwargs)
 
 
-@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
+@needs_amx
 @pytest.mark.parametrize("kind", ["bool", "float32", "bfloat16"])
 def test_bfloat16_masks_and_strides_on_amx_tiles(kind):
     """Broadcast masks of every kind (with fully masked rows), and queries, keys and values read
@@ -333,14 +334,14 @@ AMX_FLOAT32_CASES = {
 }
 
 
-@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
+@needs_amx
 @pytest.mark.parametrize("case", list(AMX_FLOAT32_CASES))
 def test_float32_on_amx_tiles(case):
     shape, kwargs = AMX_FLOAT32_CASES[case]
     check(*qkv(*shape), **kwargs)
 
 
-@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
+@needs_amx
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("len_q", [20, 160])
 def test_maxima_moving_in_every_key_tile_on_amx_tiles(dtype, len_q):
@@ -393,14 +394,14 @@ AMX_FLOAT32_GRADIENT_CASES = {
 }
 
 
-@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
+@needs_amx
 @pytest.mark.parametrize("case", list(AMX_FLOAT32_GRADIENT_CASES))
 def test_float32_gradients_on_amx_tiles(case):
     shape, kwargs = AMX_FLOAT32_GRADIENT_CASES[case]
     check_float32_gradients(*qkv(*shape), **kwargs)
 
 
-@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
+@needs_amx
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_gradients_split_over_keys_on_amx_tiles(dtype):
     """One key/value head and more threads than heads: the key tiles are dealt to several tasks
@@ -414,7 +415,7 @@ def test_gradients_split_over_keys_on_amx_tiles(dtype):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.skipif(_C.cpu_isa() != "amx", reason="this CPU has no AMX tiles")
+@needs_amx
 def test_float32_on_amx_tiles_matches_avx512():
     """Both float32 prefill kernels of an AMX machine agree to float32 rounding, strided inputs
     included."""

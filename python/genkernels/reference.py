@@ -101,8 +101,9 @@ def normal(n: int, seed: Union[int, Tensor], offset: Union[int, Tensor], dtype: 
     r = (b >> 8).double() * (math.pi / 2 * 2.0**-24) - math.pi / 4
     radius = torch.sqrt(-2.0 * torch.log(u1))
     swap = (b & 4) != 0
-    first = torch.where(swap, torch.sin(r), torch.cos(r)) * torch.where((b & 1) != 0, -radius, radius)
-    second = torch.where(swap, torch.cos(r), torch.sin(r)) * torch.where((b & 2) != 0, -radius, radius)
+    sin, cos = torch.sin(r), torch.cos(r)
+    first = torch.where(swap, sin, cos) * torch.where((b & 1) != 0, -radius, radius)
+    second = torch.where(swap, cos, sin) * torch.where((b & 2) != 0, -radius, radius)
     z = torch.stack([first, second], dim=-1)  # (groups, 2 pairs, 2)
     return z.reshape(-1)[:n].to(dtype)
 
