@@ -310,9 +310,9 @@ def test_opcheck():
     q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 8)
     mask = (torch.rand(1, 1, 9, 11) > 0.3).expand(2, 4, 9, 11)
     op = torch.ops.genkernels.attention_forward.default
-    torch.library.opcheck(op, (q, k, v, None, None, 0.25, -1, 0, False, 0.0, None))
-    torch.library.opcheck(op, (q, k, v, mask, None, 0.25, 3, 2, True, 0.0, None))
-    torch.library.opcheck(op, (q, k, v, None, torch.tensor([5, 11], dtype=torch.int32), 0.25, -1, 0, True, 0.0, None))
+    torch.library.opcheck(op, (q, k, v, None, None, 0.25, -1, 0, False, 0.0, None, False))
+    torch.library.opcheck(op, (q, k, v, mask, None, 0.25, 3, 2, True, 0.0, None, False))
+    torch.library.opcheck(op, (q, k, v, None, torch.tensor([5, 11], dtype=torch.int32), 0.25, -1, 0, True, 0.0, None, False))
     step = torch.ops.genkernels.attention_kvcache.default
     caches = torch.randn(2, 2, 12, 16), torch.randn(2, 2, 12, 8)
     new_k, new_v = torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 8)

@@ -103,11 +103,12 @@ LOW_PRECISION_FEATURES = {
 }
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("name", LOW_PRECISION_FEATURES)
-def test_low_precision_features(backend, name):
+def test_low_precision_features(backend, name, deterministic):
     """Windows, alignments, GQA, masks (and their gradient), head dims and lengths that cross
-    tiles in bfloat16 and float16: within a few units in the last place of the largest gradient
-    of the float64 reference."""
+    tiles in bfloat16 and float16, through both CUDA backward paths: within a few units in the
+    last place of the largest gradient of the float64 reference."""
     shape, kwargs, mask_kind = LOW_PRECISION_FEATURES[name]
     q, k, v, dout = case(*shape)
     batch, heads_q, _, len_q, len_kv = shape[:5]
@@ -129,12 +130,36 @@ def test_low_precision_features(backend, name):
                 m = mask.to(device, torch.bool if mask.dtype == torch.bool else mask_dtype)
             return dict(attn_mask=m, **kwargs)
 
-        out = genkernels.scaled_dot_product_attention(*inputs[:3], **run(inputs, backend.device, dtype))
+        out = genkernels.scaled_dot_product_attention(*inputs[:3], **run(inputs, backend.device, dtype),
+                                                      deterministic=deterministic)
         got = torch.autograd.grad(out, inputs, dout.to(backend.device, dtype))
         exact_out, _ = reference.scaled_dot_product_attention(*exact_inputs[:3], **run(exact_inputs, "cpu", torch.float64))
         exact = torch.autograd.grad(exact_out, exact_inputs, dout.double())
         for g_name, g, e in zip(("dq", "dk", "dv", "dmask"), got, exact):
             assert g.dtype == dtype and rel_error(g.cpu(), e) <= 8 * ulp, (dtype, g_name)
+
+
+def test_deterministic_mode(backend):
+    """deterministic=True, and deterministic=None under torch.use_deterministic_algorithms, give
+    the same gradients bit for bit on every call; the default (atomics on CUDA) agrees with them
+    to rounding."""
+    q, k, v, dout = case(1, 4, 2, 70, 90, 64, 64)
+    kwargs = dict(is_causal=True, enable_gqa=True)
+    for dtype in backend.float_dtypes():
+        runs = [ours(backend, dtype, q, k, v, dout, deterministic=True, **kwargs)[1] for _ in range(2)]
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            runs.append(ours(backend, dtype, q, k, v, dout, **kwargs)[1])
+        finally:
+            torch.use_deterministic_algorithms(previous)
+        default = ours(backend, dtype, q, k, v, dout, **kwargs)[1]
+        ulp = {torch.float32: 1e-6, torch.float64: 1e-15, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+        for name, first, *others, other in zip("qkv", *runs, default):
+            assert all(torch.equal(first, x) for x in others), (dtype, name)
+            assert rel_error(other.cpu(), first.cpu()) <= 2 * ulp, (dtype, name)
+    with pytest.raises(TypeError, match="'deterministic' must be a bool or None"):
+        genkernels.scaled_dot_product_attention(q, k, v, enable_gqa=True, deterministic=1)
 
 
 @pytest.mark.parametrize("dim, dim_v", [(128, 128), (200, 160), (256, 32), (24, 256)])
@@ -270,15 +295,15 @@ def test_opcheck():
     fwd = torch.ops.genkernels.attention_forward.default
     for t in (q, k, v):
         t.requires_grad_()
-    torch.library.opcheck(fwd, (q, k, v, None, None, 0.25, -1, 0, False, 0.0, None))
-    torch.library.opcheck(fwd, (q, k, v, mask.clone().requires_grad_(), None, 0.25, 3, 2, True, 0.0, None))
+    torch.library.opcheck(fwd, (q, k, v, None, None, 0.25, -1, 0, False, 0.0, None, False))
+    torch.library.opcheck(fwd, (q, k, v, mask.clone().requires_grad_(), None, 0.25, 3, 2, True, 0.0, None, True))
     seed = torch.tensor([123, 4], dtype=torch.int64)
-    torch.library.opcheck(fwd, (q, k, v, None, None, 0.25, -1, 0, False, 0.2, seed))
-    out, lse = fwd(q, k, v, None, None, 0.25, -1, 0, False, 0.0, None)
+    torch.library.opcheck(fwd, (q, k, v, None, None, 0.25, -1, 0, False, 0.2, seed, False))
+    out, lse = fwd(q, k, v, None, None, 0.25, -1, 0, False, 0.0, None, False)
     bwd = torch.ops.genkernels.attention_backward.default
     args = (torch.randn_like(out), torch.randn_like(lse), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach())
-    torch.library.opcheck(bwd, args + (None, 0.25, -1, 0, False, 0.0, None, False))
-    torch.library.opcheck(bwd, args + (mask, 0.25, -1, 0, False, 0.1, seed, True))
+    torch.library.opcheck(bwd, args + (None, 0.25, -1, 0, False, 0.0, None, False, False))
+    torch.library.opcheck(bwd, args + (mask, 0.25, -1, 0, False, 0.1, seed, True, True))
 
 
 def test_compile_training_step():

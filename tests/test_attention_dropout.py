@@ -26,9 +26,10 @@ def run_with_mask(backend, dtype, q, k, v, dout, p, seed, **kwargs):
     mask = genkernels.attention_dropout_mask(q, k, p, generator=torch.Generator().manual_seed(seed))
     assert mask.dtype == torch.bool and mask.shape == q.shape[:-1] + (k.shape[-2],)
     kwargs = dict(kwargs, enable_gqa=q.shape[1] != k.shape[1])
+    deterministic = kwargs.pop("deterministic", None)
     inputs = [t.to(backend.device, dtype).requires_grad_() for t in (q, k, v)]
     out = genkernels.scaled_dot_product_attention(
-        *inputs, dropout_p=p, generator=torch.Generator().manual_seed(seed), **kwargs
+        *inputs, dropout_p=p, generator=torch.Generator().manual_seed(seed), deterministic=deterministic, **kwargs
     )
     got = torch.autograd.grad(out, inputs, dout.to(backend.device, dtype))
     exact_inputs = [t.double().requires_grad_() for t in (q, k, v)]
@@ -63,15 +64,17 @@ def test_float32_with_many_keys_on_the_cpu(causal):
         assert rel_error(g.detach(), e) <= 1e-4, name
 
 
-def test_low_precision(backend):
-    """bfloat16 (and float16 on the CUDA kernels, where the tensor-core kernel applies dropout
-    to P in registers): within a few units in the last place of the largest output and gradient."""
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_low_precision(backend, deterministic):
+    """bfloat16 (and float16 on the CUDA kernels, where the tensor-core kernels apply dropout
+    to P in registers, in both backward paths): within a few units in the last place of the
+    largest output and gradient."""
     q, k, v = torch.randn(1, 2, 70, 64), torch.randn(1, 2, 90, 64), torch.randn(1, 2, 90, 64)
     dout = torch.randn(1, 2, 70, 64)
     dtypes = [torch.bfloat16] + ([torch.float16] if backend.cuda_kernels else [])
     for dtype in dtypes:
         ulp = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
-        got, exact, _ = run_with_mask(backend, dtype, q, k, v, dout, 0.2, 11, is_causal=True)
+        got, exact, _ = run_with_mask(backend, dtype, q, k, v, dout, 0.2, 11, is_causal=True, deterministic=deterministic)
         for name, g, e in zip(("out", "dq", "dk", "dv"), got, exact):
             assert g.dtype == dtype and rel_error(g.detach().cpu(), e) <= 8 * ulp, (dtype, name)
 

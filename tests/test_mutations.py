@@ -10,7 +10,8 @@ build of the same sources passes it in every order.
 The attention kernels' mutations plant the bugs of tensor-core code: a wrong mma fragment
 layout (in the shared header, compiled into the forward), a read of a cp.async-staged tile
 before waiting for it, a missing barrier between staging a tile and reading it, and in the backward a query tile
-read before its copies land and a gradient formula missing a term.
+read before its copies land, a gradient formula missing a term, and the fused dQ product reading dS before
+every warp has stored its share.
 """
 
 from __future__ import annotations
@@ -275,15 +276,17 @@ def check_attention_backward_tensor_cores() -> None:
         tensors = [torch.randn(batch, heads_q, len_q, dim, generator=g), torch.randn(batch, heads_kv, len_kv, dim, generator=g),
                    torch.randn(batch, heads_kv, len_kv, dim, generator=g)]
         dout = torch.randn(batch, heads_q, len_q, dim, generator=g)
-        inputs = [t.to(dtype).requires_grad_() for t in tensors]
-        out = genkernels.scaled_dot_product_attention(*inputs, is_causal=True, causal_alignment="bottom_right", enable_gqa=True)
-        got = torch.autograd.grad(out, inputs, dout.to(dtype))
         exact_inputs = [t.to(dtype).double().requires_grad_() for t in tensors]
         exact_out, _ = reference.scaled_dot_product_attention(*exact_inputs, is_causal=True, causal_alignment="bottom_right",
                                                               enable_gqa=True)
         exact = torch.autograd.grad(exact_out, exact_inputs, dout.to(dtype).double())
-        for x, e in zip(got, exact):
-            torch.testing.assert_close(x.double(), e, rtol=0, atol=tol * e.abs().max().item())
+        for deterministic in (False, True):  # dQ fused into the dK, dV kernel, or a kernel of its own
+            inputs = [t.to(dtype).requires_grad_() for t in tensors]
+            out = genkernels.scaled_dot_product_attention(*inputs, is_causal=True, causal_alignment="bottom_right",
+                                                          enable_gqa=True, deterministic=deterministic)
+            got = torch.autograd.grad(out, inputs, dout.to(dtype))
+            for x, e in zip(got, exact):
+                torch.testing.assert_close(x.double(), e, rtol=0, atol=tol * e.abs().max().item())
 
 
 CHECKS = [check_sinusoidal, check_normal_and_reparameterize, check_gaussian_kl_sum, check_attention_tensor_cores,
@@ -322,6 +325,9 @@ MUTATIONS = [
              check_attention_backward_tensor_cores, AssertionError),
     Mutation("attention_backward_ds_without_delta", ATTENTION_BACKWARD,
              "dp[nt][e] = prob * (z * dp[nt][e] - tD[col]);", "dp[nt][e] = prob * z * dp[nt][e];",
+             check_attention_backward_tensor_cores, AssertionError),
+    Mutation("attention_backward_fused_dq_without_barrier", ATTENTION_BACKWARD,
+             "      __syncthreads();  // dS of the whole tile is in sdS\n", "",
              check_attention_backward_tensor_cores, AssertionError),
 ]
 

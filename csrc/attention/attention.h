@@ -74,6 +74,9 @@ struct AttentionBackwardParams {
   void* dk;           // (batch, heads_kv, len_kv, dim_qk), dtype
   void* dv;           // (batch, heads_kv, len_kv, dim_v), dtype
   float* dbias;       // (batch, heads_q, len_q, len_kv) or null: the gradient of an additive mask
+  // CUDA: false lets the tensor-core path sum dQ by float32 atomics in one fused kernel (the
+  // rounding then varies from run to run). The CPU kernels are always deterministic.
+  bool deterministic;
 
   void check() const;
 };

@@ -7,11 +7,14 @@
 // with D_i = dO_i . out_i - dlse_i, and
 //   dQ_i = scale sum_j dS_ij k_j  (and dbias_ij = dS_ij),  dK_j = scale sum_i dS_ij q_i,
 //   dV_j = sum_i z P_ij dO_i.
-// Every gradient element is written by exactly one warp, so the gradients are deterministic
-// without atomics (the only CUDA path). Kernels:
+// In the deterministic mode every gradient element is written by exactly one warp, without
+// atomics. Otherwise the tensor-core path fuses dQ into the dK, dV kernel, which adds each key
+// tile's share of it to a float32 buffer by atomics (in an order that varies from run to run).
+// Kernels:
 //   attention_backward_delta_kernel    D_i, one warp per query row.
 //   attention_backward_dq_tc_kernel    float16, bfloat16, head dims up to 128 (tensor cores,
 //   attention_backward_dkdv_tc_kernel  mma.m16n8k16 with fp32 accumulation): see below.
+//   attention_backward_dq_cast_kernel  dQ = scale x the float32 sums of the fused path.
 //   attention_backward_dq_kernel       every other case: one warp per query row i walks the keys
 //   attention_backward_dkdv_kernel     of its band, or one warp per key j the queries of every
 //                                      head of its group that may see it; a lane holds the
@@ -193,10 +196,15 @@ __launch_bounds__(32 * kWarps) __global__ void attention_backward_dkdv_kernel(co
 // rounded to 16 bits as operands of the second products (as FlashAttention does); every sum is
 // fp32.
 //
-// Napkin math (L = S = 4096, D = 128, one head, no mask): the two kernels do 4 + 6 = 10 L S D
-// flops of mma (S is formed twice), against the forward's 4 L S D. A staged byte serves as many
-// flops per tile as in the forward (64 rows against B_c = 32 or 64 columns), so, like the
-// forward, they are tensor-core-bound with L2 close behind.
+// Fused (kFusedDq, not deterministic): the dK, dV kernel also stores dS of its tile to shared
+// memory, query-major, and its warps form dQ += dS K for the tile's queries (each warp 16 rows,
+// 32 columns at a time) and add it to the float32 sums by atomics.
+//
+// Napkin math (L = S = 4096, D = 128, one head, no mask): the two kernels do 6 + 8 = 14 L S D
+// flops of mma (S and dP are formed twice), the fused kernel 10 L S D and an atomic add of
+// L x D floats per key tile (128 MiB of them here); the forward does 4 L S D. A staged
+// byte serves as many flops per tile as in the forward (64 rows against B_c = 32 or 64
+// columns), so, like the forward, they are tensor-core-bound with L2 close behind.
 template <int D>
 struct TcBackwardShape {
   static constexpr int kWarps = 4;
@@ -207,6 +215,9 @@ struct TcBackwardShape {
   // 16-bit tiles: two of kRows rows and two double-buffered pairs of kCols rows; then the
   // double-buffered lse and D of the query tiles (dK, dV).
   static constexpr size_t smem_bytes() { return 2 * size_t(kLd) * (2 * kRows + 4 * kCols) + 4 * kCols * sizeof(float); }
+  // Fused dQ: dS of a tile, kCols queries by kRows keys.
+  static constexpr int kLdS = kRows + 8;
+  static constexpr size_t fused_smem_bytes() { return smem_bytes() + 2 * size_t(kCols) * kLdS; }
 };
 
 // Offset of dO's row for query row `index` = (b * heads_q + h) * len_q + i.
@@ -284,12 +295,12 @@ __launch_bounds__(TcBackwardShape<D>::kThreads) __global__
   }
 }
 
-template <class T, int D>
+template <class T, int D, bool kFusedDq>
 __launch_bounds__(TcBackwardShape<D>::kThreads) __global__
     void attention_backward_dkdv_tc_kernel(const AttentionBackwardParams bp, const Plan plan, const Shared sh,
-                                           int64_t key_tiles) {
+                                           int64_t key_tiles, float* dq_sum) {
   using Shape = TcBackwardShape<D>;
-  constexpr int kN = Shape::kRows, kM = Shape::kCols, kLd = Shape::kLd;
+  constexpr int kN = Shape::kRows, kM = Shape::kCols, kLd = Shape::kLd, kLdS = Shape::kLdS;
   const AttentionParams& p = bp.fwd;
   GK_DYNAMIC_SMEM(T, smem);
   T* const sK = smem;
@@ -298,6 +309,7 @@ __launch_bounds__(TcBackwardShape<D>::kThreads) __global__
   T* const sdO = sQ + 2 * kM * kLd;   // [2][kM][kLd]
   float* const sLse = reinterpret_cast<float*>(sdO + 2 * kM * kLd);  // [2][kM]
   float* const sD = sLse + 2 * kM;                                     // [2][kM]
+  T* const sdS = reinterpret_cast<T*>(sD + 2 * kM);                   // [kM][kLdS], kFusedDq only
 
   const int64_t bh = blockIdx.x / key_tiles, j0 = blockIdx.x % key_tiles * kN;
   const int64_t b = bh / p.heads_kv, hk = bh % p.heads_kv, n = p.len_kv - j0 < kN ? p.len_kv - j0 : kN;
@@ -381,11 +393,38 @@ __launch_bounds__(TcBackwardShape<D>::kThreads) __global__
         const float prob = exp_minus(x, tLse[col]);
         s[nt][e] = z * prob;                           // Pd^T
         dp[nt][e] = prob * (z * dp[nt][e] - tD[col]);  // dS^T
+        if (kFusedDq && bp.dbias != nullptr && col < m && j < p.len_kv) bp.dbias[(row0 + col) * p.len_kv + j] = dp[nt][e];
       }
     }
     warp_mma_pb<T, kM, D, kLd>(dv, s, tdO, v_cols, lane);   // dV += Pd^T dO
     warp_mma_pb<T, kM, D, kLd>(dk, dp, tQ, qk_cols, lane);  // dK += dS^T Q
-    __syncthreads();  // every warp is done with `buf` before the next iteration refills it
+    if constexpr (kFusedDq) {
+      // dS of the warp's 16 keys into sdS, query-major (the A operand of dQ += dS K).
+      GK_UNROLL
+      for (int nt = 0; nt < kM / 8; ++nt) {
+        GK_UNROLL
+        for (int e = 0; e < 4; ++e) sdS[(8 * nt + quad_col + e % 2) * kLdS + 16 * warp + quad_row + 8 * (e / 2)] = static_cast<T>(dp[nt][e]);
+      }
+      __syncthreads();  // dS of the whole tile is in sdS
+      // dQ += dS K: this warp's rows 16 rg.. of the tile, in chunks of 32 columns dealt out
+      // among the warps of those rows.
+      constexpr int kChunk = 32, kRowGroups = kM / 16, kColGroups = Shape::kWarps / kRowGroups;
+      const int rg = warp % kRowGroups;
+      for (int c0 = warp / kRowGroups * kChunk; c0 < qk_cols; c0 += kColGroups * kChunk) {
+        float dq[kChunk / 8][4] = {};
+        warp_mma_ab<T, kN, kChunk, kLdS, kLd>(dq, sdS + 16 * rg * kLdS, sK + c0, qk_cols - c0 < kChunk ? qk_cols - c0 : kChunk,
+                                              lane);
+        GK_UNROLL
+        for (int nd = 0; nd < kChunk / 8; ++nd) {
+          GK_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            const int r = 16 * rg + quad_row + 8 * (e / 2), c = c0 + 8 * nd + quad_col + e % 2;
+            if (r < m && c < p.dim_qk) atomicAdd(dq_sum + (row0 + r) * p.dim_qk + c, dq[nd][e]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with `buf` (and sdS) before the next iteration refills it
   }
 
   GK_UNROLL
@@ -396,6 +435,13 @@ __launch_bounds__(TcBackwardShape<D>::kThreads) __global__
     store_accumulator_row<T, D>(static_cast<T*>(bp.dk) + key * p.dim_qk, dk, h, quad_col, p.dim_qk, scale);
     store_accumulator_row<T, D>(static_cast<T*>(bp.dv) + key * p.dim_v, dv, h, quad_col, p.dim_v, 1.0f);
   }
+}
+
+// dq = scale x dq_sum, as T (the fused path).
+template <class T>
+__launch_bounds__(256) __global__ void attention_backward_dq_cast_kernel(const float* dq_sum, T* dq, int64_t n, float scale) {
+  for (int64_t x = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; x < n; x += int64_t(gridDim.x) * blockDim.x)
+    dq[x] = static_cast<T>(scale * dq_sum[x]);
 }
 
 template <class T, int D>
@@ -417,16 +463,30 @@ void run_tc(const AttentionBackwardParams& bp, Shared sh, cudaStream_t stream) {
   const int64_t key_tiles = (p.len_kv + Shape::kRows - 1) / Shape::kRows;
   require(heads * plan.row_blocks <= int64_t(INT32_MAX) && heads * key_tiles <= int64_t(INT32_MAX),
           "attention_backward: too many blocks for one launch");
-  if (p.len_q > 0) {
-    allow_smem(attention_backward_dq_tc_kernel<T, D>, Shape::smem_bytes());
-    launch(attention_backward_dq_tc_kernel<T, D>, dim3(unsigned(heads * plan.row_blocks)), dim3(Shape::kThreads),
-           Shape::smem_bytes(), stream, bp, plan, sh);
+  if (bp.deterministic) {
+    if (p.len_q > 0) {
+      allow_smem(attention_backward_dq_tc_kernel<T, D>, Shape::smem_bytes());
+      launch(attention_backward_dq_tc_kernel<T, D>, dim3(unsigned(heads * plan.row_blocks)), dim3(Shape::kThreads),
+             Shape::smem_bytes(), stream, bp, plan, sh);
+    }
+    if (p.len_kv > 0) {
+      allow_smem(attention_backward_dkdv_tc_kernel<T, D, false>, Shape::smem_bytes());
+      launch(attention_backward_dkdv_tc_kernel<T, D, false>, dim3(unsigned(heads * key_tiles)), dim3(Shape::kThreads),
+             Shape::smem_bytes(), stream, bp, plan, sh, key_tiles, static_cast<float*>(nullptr));
+    }
+    return;
   }
+  const int64_t dq_elements = p.batch * p.heads_q * p.len_q * p.dim_qk;
+  const Workspace dq_sum(sizeof(float) * size_t(dq_elements > 0 ? dq_elements : 1), stream);
+  check_cuda(cudaMemsetAsync(dq_sum.ptr, 0, sizeof(float) * size_t(dq_elements), stream), "cudaMemsetAsync");
   if (p.len_kv > 0) {
-    allow_smem(attention_backward_dkdv_tc_kernel<T, D>, Shape::smem_bytes());
-    launch(attention_backward_dkdv_tc_kernel<T, D>, dim3(unsigned(heads * key_tiles)), dim3(Shape::kThreads),
-           Shape::smem_bytes(), stream, bp, plan, sh, key_tiles);
+    allow_smem(attention_backward_dkdv_tc_kernel<T, D, true>, Shape::fused_smem_bytes());
+    launch(attention_backward_dkdv_tc_kernel<T, D, true>, dim3(unsigned(heads * key_tiles)), dim3(Shape::kThreads),
+           Shape::fused_smem_bytes(), stream, bp, plan, sh, key_tiles, static_cast<float*>(dq_sum.ptr));
   }
+  if (dq_elements > 0)
+    launch(attention_backward_dq_cast_kernel<T>, dim3(blocks_for(dq_elements, 256, 4096)), dim3(256), 0, stream,
+           static_cast<const float*>(dq_sum.ptr), static_cast<T*>(bp.dq), dq_elements, float(p.scale));
 }
 
 }  // namespace

@@ -268,6 +268,24 @@ __device__ __forceinline__ void warp_mma_abt(float (&s)[kCols / 8][4], const T* 
   }
 }
 
+// O (16 x cols) += A B for one warp, A's 16 x 16 piece kk given as its mma fragment a (the
+// rows 16 kk.. of B at `b`, row stride kLd, by ldmatrix.trans), over B's first `cols` columns
+// (a multiple of 16).
+template <class T, int kMaxCols, int kLd>
+__device__ __forceinline__ void warp_mma_fragment_b(float (&o)[kMaxCols / 8][4], const uint32_t (&a)[4], const T* b,
+                                                    int kk, int cols, int lane) {
+  GK_UNROLL
+  for (int nd = 0; nd < kMaxCols / 8; nd += 2) {
+    if (8 * nd == cols) break;
+    // Matrices (transposed): rows 16 kk + 0..7 and + 8..15 of columns 8 nd.., then of 8 (nd + 1)...
+    uint32_t fb[4];
+    ldmatrix_x4_trans(fb, b + (16 * kk + lane % 16) * kLd + 8 * nd + lane / 16 * 8);
+    const uint32_t b0[2] = {fb[0], fb[1]}, b1[2] = {fb[2], fb[3]};
+    mma_16x8x16<T>(o[nd], a, b0);
+    mma_16x8x16<T>(o[nd + 1], a, b1);
+  }
+}
+
 // O (16 x cols) += P B for one warp: P (16 x kK) the accumulators of a warp_mma_abt, rounded to
 // T in registers (the accumulator layout is the A-operand layout), B the kK rows at `b` (row
 // stride kLd) by ldmatrix.trans, over its first `cols` columns (a multiple of 16).
@@ -281,16 +299,19 @@ __device__ __forceinline__ void warp_mma_pb(float (&o)[kMaxCols / 8][4], const f
     a[1] = pack<T>(p[2 * kk][2], p[2 * kk][3]);
     a[2] = pack<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]);
     a[3] = pack<T>(p[2 * kk + 1][2], p[2 * kk + 1][3]);
-    GK_UNROLL
-    for (int nd = 0; nd < kMaxCols / 8; nd += 2) {
-      if (8 * nd == cols) break;
-      // Matrices (transposed): rows 16 kk + 0..7 and + 8..15 of columns 8 nd.., then of 8 (nd + 1)...
-      uint32_t fb[4];
-      ldmatrix_x4_trans(fb, b + (16 * kk + lane % 16) * kLd + 8 * nd + lane / 16 * 8);
-      const uint32_t b0[2] = {fb[0], fb[1]}, b1[2] = {fb[2], fb[3]};
-      mma_16x8x16<T>(o[nd], a, b0);
-      mma_16x8x16<T>(o[nd + 1], a, b1);
-    }
+    warp_mma_fragment_b<T, kMaxCols, kLd>(o, a, b, kk, cols, lane);
+  }
+}
+
+// O (16 x cols) += A B for one warp, both from shared memory: A the warp's 16 rows of kK
+// columns at `a` (row stride kLdA) by ldmatrix, B as in warp_mma_pb.
+template <class T, int kK, int kMaxCols, int kLdA, int kLd>
+__device__ __forceinline__ void warp_mma_ab(float (&o)[kMaxCols / 8][4], const T* a, const T* b, int cols, int lane) {
+  GK_UNROLL
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    uint32_t fa[4];
+    ldmatrix_x4(fa, a + (lane % 16) * kLdA + 16 * kk + lane / 16 * 8);
+    warp_mma_fragment_b<T, kMaxCols, kLd>(o, fa, b, kk, cols, lane);
   }
 }
 

@@ -161,7 +161,7 @@ void bind_ops(py::module_& m) {
            uintptr_t dv, uintptr_t dbias, std::array<int64_t, 7> sizes, std::array<int64_t, 3> q_stride,
            std::array<int64_t, 3> k_stride, std::array<int64_t, 3> v_stride, uintptr_t mask, int mask_dtype,
            std::array<int64_t, 4> mask_stride, double scale, int64_t window_left, int64_t window_right,
-           bool bottom_right, double dropout_p, uintptr_t seed, int dtype) {
+           bool bottom_right, double dropout_p, uintptr_t seed, int dtype, bool deterministic) {
           AttentionBackwardParams p{};
           p.fwd = attention_params(q, k, v, out, lse, sizes, q_stride, k_stride, v_stride, mask, mask_dtype,
                                    mask_stride, 0, scale, window_left, window_right, bottom_right, dropout_p, seed,
@@ -173,6 +173,7 @@ void bind_ops(py::module_& m) {
           p.dk = ptr(dk);
           p.dv = ptr(dv);
           p.dbias = static_cast<float*>(ptr(dbias));
+          p.deterministic = deterministic;
           run<Exec>(&attention_backward, p, where, stream);
         });
 }

@@ -37,10 +37,12 @@ def _attention_forward(
     bottom_right: bool,
     dropout_p: float,
     seed: Optional[Tensor],
+    deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
     """q (B, Hq, L, E), k (B, H, S, E), v (B, H, S, Ev), mask broadcast to (B, Hq, L, S) by
     strides, kv_lens (B,) int32, seed (2,) int64 for dropout or None: returns out (B, Hq, L, Ev)
-    and lse (B, Hq, L) float32."""
+    and lse (B, Hq, L) float32. ``deterministic`` is for the backward pass (the CUDA kernels'
+    choice between the fused path with atomics and the one without)."""
     if q.shape[-1] == 0 or v.shape[-1] == 0:  # empty feature dimensions: nothing for a kernel to read
         return _attention_without_features(q, k, v, mask, kv_lens, scale, window_left, window_right, bottom_right, dropout_p, seed)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -90,7 +92,7 @@ def _attention_without_features(q, k, v, mask, kv_lens, scale, window_left, wind
 
 
 @_attention_forward.register_fake
-def _(q, k, v, mask, kv_lens, scale, window_left, window_right, bottom_right, dropout_p, seed):
+def _(q, k, v, mask, kv_lens, scale, window_left, window_right, bottom_right, dropout_p, seed, deterministic):
     batch, heads_q, len_q, _ = q.shape
     out = q.new_empty((batch, heads_q, len_q, v.shape[3]))
     return out, q.new_empty((batch, heads_q, len_q), dtype=torch.float32)
@@ -113,10 +115,12 @@ def _attention_backward(
     dropout_p: float,
     seed: Optional[Tensor],
     mask_grad: bool,
+    deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of attention_forward from dout (B, Hq, L, Ev) and dlse (B, Hq, L): dq, dk, dv in
     the shapes of q, k, v (dk, dv summed over each key/value head's query heads) and, with
-    mask_grad, the gradient of the additive mask as a float32 (B, Hq, L, S) tensor (else empty)."""
+    mask_grad, the gradient of the additive mask as a float32 (B, Hq, L, S) tensor (else empty).
+    Without ``deterministic`` the CUDA kernels may sum dq by atomics."""
     batch, heads_q, len_q, dim_qk = q.shape
     heads_kv, len_kv, dim_v = k.shape[1], k.shape[2], v.shape[3]
     if dim_qk == 0 or dim_v == 0:
@@ -133,7 +137,7 @@ def _attention_backward(
         run.where, run.stream, dout.data_ptr(), list(dout.stride()[:3]), dlse.data_ptr(),
         *(t.data_ptr() for t in (q, k, v, out, lse, dq, dk, dv)), dbias.data_ptr() if mask_grad else 0,
         *_layout(q, k, v, mask),
-        scale, window_left, window_right, bottom_right, dropout_p, _seed_ptr(seed), DTYPE_CODES[q.dtype],
+        scale, window_left, window_right, bottom_right, dropout_p, _seed_ptr(seed), DTYPE_CODES[q.dtype], deterministic,
     )
     return dq, dk, dv, dbias
 
@@ -164,7 +168,8 @@ def _backward_without_features(dout, dlse, q, k, v, mask, scale, window_left, wi
 
 
 @_attention_backward.register_fake
-def _(dout, dlse, q, k, v, out, lse, mask, scale, window_left, window_right, bottom_right, dropout_p, seed, mask_grad):
+def _(dout, dlse, q, k, v, out, lse, mask, scale, window_left, window_right, bottom_right, dropout_p, seed, mask_grad,
+      deterministic):
     batch, heads_q, len_q, _ = q.shape
     dbias_shape = (batch, heads_q, len_q, k.shape[2]) if mask_grad else (0,)
     return (
@@ -174,10 +179,10 @@ def _(dout, dlse, q, k, v, out, lse, mask, scale, window_left, window_right, bot
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, mask, kv_lens, scale, window_left, window_right, bottom_right, dropout_p, seed = inputs
+    q, k, v, mask, kv_lens, scale, window_left, window_right, bottom_right, dropout_p, seed, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, mask, seed, out, lse)
-    ctx.attrs = (scale, window_left, window_right, bottom_right, dropout_p)
+    ctx.attrs = (scale, window_left, window_right, bottom_right, dropout_p, deterministic)
     ctx.has_kv_lens = kv_lens is not None
     ctx.mask_grad = mask is not None and mask.dtype != torch.bool and mask.requires_grad
 
@@ -186,12 +191,13 @@ def _backward(ctx, dout: Tensor, dlse: Tensor):
     if ctx.has_kv_lens:
         raise RuntimeError("attention with a key/value cache (kv_lens) is not differentiable")
     q, k, v, mask, seed, out, lse = ctx.saved_tensors
-    scale, window_left, window_right, bottom_right, dropout_p = ctx.attrs
+    scale, window_left, window_right, bottom_right, dropout_p, deterministic = ctx.attrs
     dq, dk, dv, dbias = _attention_backward(
-        dout, dlse, q, k, v, out, lse, mask, scale, window_left, window_right, bottom_right, dropout_p, seed, ctx.mask_grad
+        dout, dlse, q, k, v, out, lse, mask, scale, window_left, window_right, bottom_right, dropout_p, seed,
+        ctx.mask_grad, deterministic,
     )
     dmask = dbias.to(mask.dtype) if ctx.mask_grad else None
-    return dq, dk, dv, dmask, None, None, None, None, None, None, None
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None, None
 
 
 _attention_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -232,6 +238,7 @@ def scaled_dot_product_attention(
     window: Optional[Sequence[Optional[int]]] = None,
     return_lse: bool = False,
     generator: Optional[torch.Generator] = None,
+    deterministic: Optional[bool] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention with the semantics of ``torch.nn.functional.scaled_dot_product_attention``.
 
@@ -257,8 +264,15 @@ def scaled_dot_product_attention(
     scores, without dropout.
 
     Differentiable in ``query``, ``key``, ``value`` and an additive float ``attn_mask`` (also
-    through the returned log-sum-exp). The gradients are deterministic: every one is computed
-    by a single thread or block, with no atomics.
+    through the returned log-sum-exp). On the CPU the gradients are always deterministic. On
+    CUDA, float16 and bfloat16 with head dims up to 128 have two backward paths: by default one
+    fused kernel per key tile that adds its share of the query gradient to a float32 sum by
+    atomics (FlashAttention-2's; five tile products instead of seven, but the order of the
+    additions, and so the last bits of the query gradient, vary from run to run), and with
+    ``deterministic=True`` (or ``deterministic=None`` under
+    ``torch.use_deterministic_algorithms(True)``) separate kernels that write every gradient
+    element once, with no atomics, bit for bit repeatable. The other CUDA cases are always
+    deterministic.
 
     Example:
         >>> out = genkernels.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -322,7 +336,13 @@ def scaled_dot_product_attention(
         except RuntimeError:
             raise ValueError(f"{fn}(): 'attn_mask' of shape {tuple(attn_mask.shape)} does not broadcast to {tuple(full)}") from None
     seed = draw_seed(generator, query.device) if dropout_p > 0 else None
-    out, lse = _attention_forward(q, k, v, mask, None, scale, window_left, window_right, alignment == "bottom_right", dropout_p, seed)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    elif not isinstance(deterministic, bool):
+        raise TypeError(f"{fn}(): argument 'deterministic' must be a bool or None, got {type(deterministic).__name__}")
+    out, lse = _attention_forward(
+        q, k, v, mask, None, scale, window_left, window_right, alignment == "bottom_right", dropout_p, seed, deterministic
+    )
     if query.dim() != 4:  # a 4-d query's result already has its shape
         out, lse = out.reshape(lead + query.shape[len(lead):-1] + (value.shape[-1],)), lse.reshape(lead + query.shape[len(lead):-1])
     return (out, lse) if return_lse else out
@@ -468,7 +488,7 @@ def _attention_kvcache(
         if lo < 0 or hi + appended > capacity:
             raise ValueError(f"attention_with_kvcache(): cache_seqlens + new tokens must lie in [0, {capacity}], got lengths from {lo} to {hi} with {appended} new")
     kv_lens = (reference.kvcache_append(key_cache, value_cache, cache_seqlens, key, value) if appended else cache_seqlens).to(torch.int32).contiguous()
-    out, _ = _attention_forward.impl(query, key_cache, value_cache, None, kv_lens, scale, -1, 0 if causal else -1, True, 0.0, None)
+    out, _ = _attention_forward.impl(query, key_cache, value_cache, None, kv_lens, scale, -1, 0 if causal else -1, True, 0.0, None, True)
     return out
 
 

@@ -317,18 +317,19 @@ def _qkv_dout(device: torch.device, b: int, h: int, l: int, s: int, e: int, dtyp
     return q, k, v, torch.randn(b, h, l, e, generator=_generator(device), device=device).to(dtype)
 
 
-def _training_step(attention: Callable[..., Tensor], causal: bool) -> Callable[..., Tensor]:
+def _training_step(attention: Callable[..., Tensor], causal: bool, **options: Any) -> Callable[..., Tensor]:
     """Forward and backward of `attention`; returns dq (dk and dv are computed too)."""
 
     def step(q: Tensor, k: Tensor, v: Tensor, dout: Tensor) -> Tensor:
-        out = attention(q, k, v, is_causal=causal)
+        out = attention(q, k, v, is_causal=causal, **options)
         return torch.autograd.grad(out, (q, k, v), dout)[0]
 
     return step
 
 
 def _attention_training_case(name: str, causal: bool, full: Sizes, quick: Sizes, target: Target = Target(),
-                             dtype: torch.dtype = torch.float32) -> Case:
+                             dtype: torch.dtype = torch.float32, deterministic: Optional[bool] = None,
+                             devices: tuple[str, ...] = ("cpu", "cuda")) -> Case:
     """Attention forward plus backward (gradients of q, k and v) in ``dtype``, beside PyTorch's
     scaled_dot_product_attention and its backward. Flops: the forward's 2 matrix products and
     the backward's 5 (recomputed scores, dP, dV, dK, dQ), 2 l s e each (half when causal)."""
@@ -337,7 +338,7 @@ def _attention_training_case(name: str, causal: bool, full: Sizes, quick: Sizes,
         name=name,
         shape=_attention_shape(dtype),
         inputs=lambda device, **shape: _qkv_dout(device, **shape, dtype=dtype),
-        genkernels=_training_step(scaled_dot_product_attention, causal),
+        genkernels=_training_step(scaled_dot_product_attention, causal, deterministic=deterministic),
         reference=_training_step(torch.nn.functional.scaled_dot_product_attention, causal),
         # Forward: q, k, v read, out written (2l + 2s rows); backward: q, k, v, out, dout read and
         # dq, dk, dv written (4l + 4s rows).
@@ -348,6 +349,7 @@ def _attention_training_case(name: str, causal: bool, full: Sizes, quick: Sizes,
         tiny=dict(b=1, h=1, l=4, s=4, e=4),
         target=target,
         compile=dtype == torch.float32,
+        devices=devices,
     )
 
 
@@ -468,6 +470,9 @@ CASES: list[Case] = [
     _attention_case("attention_causal_bf16", True, BF16_FULL, BF16_QUICK, dtype=torch.bfloat16),
     _attention_training_case("attention_train_bf16", False, BF16_FULL, BF16_QUICK, dtype=torch.bfloat16),
     _attention_training_case("attention_train_causal_bf16", True, BF16_FULL, BF16_QUICK, dtype=torch.bfloat16),
+    # CUDA's backward without atomics, beside the fused default above (the CPU has only one).
+    _attention_training_case("attention_train_bf16_deterministic", False, BF16_FULL, BF16_QUICK, dtype=torch.bfloat16,
+                             deterministic=True, devices=("cuda",)),
 ]
 """The op benchmarks, in the order they are run and printed."""
 
