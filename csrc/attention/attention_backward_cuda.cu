@@ -463,27 +463,24 @@ void run_tc(const AttentionBackwardParams& bp, Shared sh, cudaStream_t stream) {
   const int64_t key_tiles = (p.len_kv + Shape::kRows - 1) / Shape::kRows;
   require(heads * plan.row_blocks <= int64_t(INT32_MAX) && heads * key_tiles <= int64_t(INT32_MAX),
           "attention_backward: too many blocks for one launch");
+  // The dK, dV kernel; with dq_sum, fused (it also sums dQ there).
+  auto launch_dkdv = [&](auto kernel, size_t smem, float* dq_sum) {
+    if (p.len_kv == 0) return;
+    allow_smem(kernel, smem);
+    launch(kernel, dim3(unsigned(heads * key_tiles)), dim3(Shape::kThreads), smem, stream, bp, plan, sh, key_tiles, dq_sum);
+  };
   if (bp.deterministic) {
     if (p.len_q > 0) {
       allow_smem(attention_backward_dq_tc_kernel<T, D>, Shape::smem_bytes());
       launch(attention_backward_dq_tc_kernel<T, D>, dim3(unsigned(heads * plan.row_blocks)), dim3(Shape::kThreads),
              Shape::smem_bytes(), stream, bp, plan, sh);
     }
-    if (p.len_kv > 0) {
-      allow_smem(attention_backward_dkdv_tc_kernel<T, D, false>, Shape::smem_bytes());
-      launch(attention_backward_dkdv_tc_kernel<T, D, false>, dim3(unsigned(heads * key_tiles)), dim3(Shape::kThreads),
-             Shape::smem_bytes(), stream, bp, plan, sh, key_tiles, static_cast<float*>(nullptr));
-    }
-    return;
+    return launch_dkdv(attention_backward_dkdv_tc_kernel<T, D, false>, Shape::smem_bytes(), nullptr);
   }
   const int64_t dq_elements = p.batch * p.heads_q * p.len_q * p.dim_qk;
   const Workspace dq_sum(sizeof(float) * size_t(dq_elements > 0 ? dq_elements : 1), stream);
   check_cuda(cudaMemsetAsync(dq_sum.ptr, 0, sizeof(float) * size_t(dq_elements), stream), "cudaMemsetAsync");
-  if (p.len_kv > 0) {
-    allow_smem(attention_backward_dkdv_tc_kernel<T, D, true>, Shape::fused_smem_bytes());
-    launch(attention_backward_dkdv_tc_kernel<T, D, true>, dim3(unsigned(heads * key_tiles)), dim3(Shape::kThreads),
-           Shape::fused_smem_bytes(), stream, bp, plan, sh, key_tiles, static_cast<float*>(dq_sum.ptr));
-  }
+  launch_dkdv(attention_backward_dkdv_tc_kernel<T, D, true>, Shape::fused_smem_bytes(), static_cast<float*>(dq_sum.ptr));
   if (dq_elements > 0)
     launch(attention_backward_dq_cast_kernel<T>, dim3(blocks_for(dq_elements, 256, 4096)), dim3(256), 0, stream,
            static_cast<const float*>(dq_sum.ptr), static_cast<T*>(bp.dq), dq_elements, float(p.scale));

@@ -288,6 +288,10 @@ def scaled_dot_product_attention(
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"{fn}(): argument 'dropout_p' must be in [0, 1], got {dropout_p}")
     generator = _checks.generator(fn, generator)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    elif not isinstance(deterministic, bool):
+        raise TypeError(f"{fn}(): argument 'deterministic' must be a bool or None, got {type(deterministic).__name__}")
     if is_causal and attn_mask is not None:
         raise ValueError(f"{fn}(): pass either 'attn_mask' or 'is_causal', not both")
     alignment = _checks.choice(fn, "causal_alignment", causal_alignment, ALIGNMENTS)
@@ -336,10 +340,6 @@ def scaled_dot_product_attention(
         except RuntimeError:
             raise ValueError(f"{fn}(): 'attn_mask' of shape {tuple(attn_mask.shape)} does not broadcast to {tuple(full)}") from None
     seed = draw_seed(generator, query.device) if dropout_p > 0 else None
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    elif not isinstance(deterministic, bool):
-        raise TypeError(f"{fn}(): argument 'deterministic' must be a bool or None, got {type(deterministic).__name__}")
     out, lse = _attention_forward(
         q, k, v, mask, None, scale, window_left, window_right, alignment == "bottom_right", dropout_p, seed, deterministic
     )
