@@ -276,6 +276,22 @@ def test_ddpm_step_per_sample_timesteps(backend):
     torch.testing.assert_close(p0, prev[1:2])
 
 
+def test_ddpm_step_to_t_minus_one_gathers_the_rows_it_would_compute(backend):
+    """Steps to the default t - 1 take their rows from a table of every t kept by the schedule
+    (one per plan); an explicit t_prev computes them."""
+    s = NoiseSchedule(device=backend.device)
+    x = torch.randn(4, 3, 9, device=backend.device)
+    m, noise = torch.randn_like(x), torch.randn_like(x)
+    t = torch.tensor([999, 0, 37, 1], device=backend.device)
+    plans = [dict(), dict(prediction_type="v_prediction", variance_type="fixed_large", clip_sample=False)]
+    for kwargs in plans + plans:
+        by_table = ddpm_step(m, t, x, s, noise=noise, **kwargs)
+        computed = ddpm_step(m, t, x, s, t_prev=t - 1, noise=noise, **kwargs)
+        assert all(torch.equal(a, b) for a, b in zip(by_table, computed))
+    assert len(s._step_tables) == len(plans)
+    assert s.to("meta")._step_tables == {}  # a copy on another device builds its own
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (5, 3, 7), (3, 1030), (0, 4)])
 def test_ddpm_step_backends_match_reference(backend, shape):
     for dtype in backend.float_dtypes():

@@ -142,6 +142,7 @@ class NoiseSchedule:
         self._one_minus_abar64 = one_minus_abar.to(device)
         self._q_coeffs64 = q_coeffs.to(device)
         self._abar0 = float(abar[0])  # DDIM's final abar without set_alpha_to_one, kept on the host
+        self._step_tables: dict[tuple, Tensor] = {}  # coefficient rows of t -> t - 1 for every t, per plan
 
     @property
     def device(self) -> torch.device:
@@ -155,6 +156,7 @@ class NoiseSchedule:
         moved = object.__new__(NoiseSchedule)
         for name, value in vars(self).items():
             setattr(moved, name, value.to(device) if isinstance(value, Tensor) else value)
+        moved._step_tables = {}
         return moved
 
     def _with_terminal_abar(self, value: float) -> "NoiseSchedule":
@@ -163,6 +165,7 @@ class NoiseSchedule:
         zero-terminal-SNR rescale, so that the first step's sigma is finite."""
         copy = object.__new__(NoiseSchedule)
         copy.__dict__.update(self.__dict__)
+        copy._step_tables = {}
         abar = self._abar64.clone()
         abar[-1] = value
         one_minus = self._one_minus_abar64.clone()
@@ -519,15 +522,23 @@ def _base_coeffs(abar: Tensor, one_minus: Tensor, prediction_type: str, clip: Op
     return k
 
 
-def _explicit(fn: str, build: Callable[..., Tensor], t_prev: Optional[Timesteps], s1: Optional[Timesteps] = None) -> CoeffsOf:
-    """The coefficients of steps from t to a given t_prev (None: t - 1), second order from an x0
-    predicted at a given s1, both checked."""
+def _explicit(fn: str, plan: _Plan, t_prev: Optional[Timesteps], s1: Optional[Timesteps] = None) -> CoeffsOf:
+    """The coefficients of steps from t to a given t_prev, second order from an x0 predicted at a
+    given s1, both checked. Steps to t - 1 (t_prev None) gather their rows from a table of every t,
+    built once per schedule and plan, instead of computing them in some twenty small tensor
+    operations a call."""
     def coeffs_of(schedule: NoiseSchedule, t: Tensor, inputs: _StepInputs) -> Tensor:
         n = len(schedule)
+        if t_prev is None and s1 is None:
+            table = schedule._step_tables.get(plan.key)
+            if table is None:
+                every = torch.arange(n, device=schedule.device)
+                table = schedule._step_tables[plan.key] = plan.build(schedule, every, every - 1)
+            return table[t]
         prev = t - 1 if t_prev is None else _timesteps(fn, "t_prev", t_prev, inputs.batch, inputs.device, n, minimum=-1)
         if s1 is None:
-            return build(schedule, t, prev)
-        return build(schedule, t, prev, _timesteps(fn, "prev_x0_t", s1, inputs.batch, inputs.device, n, minimum=0))
+            return plan.build(schedule, t, prev)
+        return plan.build(schedule, t, prev, _timesteps(fn, "prev_x0_t", s1, inputs.batch, inputs.device, n, minimum=0))
     return coeffs_of
 
 
@@ -567,7 +578,7 @@ def ddpm_step(
     fn = "ddpm_step"
     plan = _ddpm_plan(fn, prediction_type, variance_type, clip_sample, clip_sample_range, thresholding,
                       dynamic_thresholding_ratio, sample_max_value)
-    return _step(fn, plan, model_output, t, sample, schedule, _explicit(fn, plan.build, t_prev),
+    return _step(fn, plan, model_output, t, sample, schedule, _explicit(fn, plan, t_prev),
                  guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, generator=generator, noise=noise)
 
 
@@ -637,7 +648,7 @@ def ddim_step(
     fn = "ddim_step"
     plan = _ddim_plan(fn, eta, prediction_type, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
                       sample_max_value, use_clipped_model_output, set_alpha_to_one)
-    return _step(fn, plan, model_output, t, sample, schedule, _explicit(fn, plan.build, t_prev),
+    return _step(fn, plan, model_output, t, sample, schedule, _explicit(fn, plan, t_prev),
                  guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, generator=generator, noise=noise)
 
 
@@ -738,7 +749,7 @@ def dpm_solver_step(
         raise ValueError(f"{fn}(): pass both 'prev_x0' and 'prev_x0_t' (second order) or neither (first order)")
     plan = _dpm_plan(fn, algorithm_type, solver_type, prediction_type, final_sigmas_type, euler_at_final, clip_sample,
                      clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)
-    return _step(fn, plan, model_output, t, sample, schedule, _explicit(fn, plan.build, t_prev, prev_x0_t),
+    return _step(fn, plan, model_output, t, sample, schedule, _explicit(fn, plan, t_prev, prev_x0_t),
                  guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, generator=generator, noise=noise,
                  prev_x0=prev_x0)
 
