@@ -60,6 +60,7 @@ def test_quick_run_prints_tables_and_writes_json(tmp_path, capsys):
     assert {"machine", "settings", "ceilings", "cases"} <= set(data)
     machine = data["machine"]
     assert machine["cpu"] and machine["threads"] >= 1 and machine["torch"] == torch.__version__
+    assert machine["allocator"] in ("glibc", "tcmalloc", "jemalloc", "mimalloc", "system", "unknown")
     assert machine["genkernels"]["version"]
     assert data["settings"] == {"device": "cpu", "quick": True, "repeat": 1, "compile": False, "statistic": "min"}
     assert data["ceilings"]["copy_gbps"] > 0 and data["ceilings"]["matmul_gflops"] > 0

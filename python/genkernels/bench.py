@@ -855,14 +855,31 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _allocator() -> str:
+    """The process's malloc: a preloaded tcmalloc, jemalloc or mimalloc, else the C library's.
+    CPU timings depend on it: glibc returns freed buffers of some MiB to the system, and a call
+    whose outputs land on such memory again pays a page fault per 4 KiB of them."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return "unknown"
+    for name in ("tcmalloc", "jemalloc", "mimalloc"):
+        if f"lib{name}" in maps:
+            return name
+    libc, _ = platform.libc_ver()
+    return libc or "system"
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
-    """The CPU, thread count, GPU, software versions and ``genkernels.info()``."""
+    """The CPU, thread count, GPU, malloc, software versions and ``genkernels.info()``."""
     from ._info import info
 
     return {
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "allocator": _allocator(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "device": str(device),
         "platform": platform.platform(),
@@ -892,7 +909,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: Sequence
 def print_header(machine: dict[str, Any], ceilings: Ceilings, settings: Settings, file=None) -> None:
     """Prints the machine and its measured ceilings."""
     file = file or sys.stdout
-    where = machine["gpu"] or f"{machine['cpu']}, {machine['threads']} threads"
+    where = machine["gpu"] or f"{machine['cpu']}, {machine['threads']} threads, {machine['allocator']} malloc"
     print(f"genkernels {machine['genkernels']['version']} bench on {settings.device} ({where}), torch {machine['torch']}", file=file)
     print(
         f"ceilings: copy {ceilings.copy_gbps:.1f} GB/s (read + write, {ceilings.copy_bytes // MI} MiB float32),"
