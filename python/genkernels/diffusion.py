@@ -522,6 +522,14 @@ def _base_coeffs(abar: Tensor, one_minus: Tensor, prediction_type: str, clip: Op
     return k
 
 
+def _table_rows(tables: dict[tuple, Tensor], key: tuple, t: Tensor, build: Callable[[], Tensor]) -> Tensor:
+    """Rows t of the coefficient table ``tables[key]``, made by ``build()`` on first use."""
+    table = tables.get(key)
+    if table is None:
+        table = tables[key] = build()
+    return table[t]
+
+
 def _explicit(fn: str, plan: _Plan, t_prev: Optional[Timesteps], s1: Optional[Timesteps] = None) -> CoeffsOf:
     """The coefficients of steps from t to a given t_prev, second order from an x0 predicted at a
     given s1, both checked. Steps to t - 1 (t_prev None) gather their rows from a table of every t,
@@ -530,11 +538,10 @@ def _explicit(fn: str, plan: _Plan, t_prev: Optional[Timesteps], s1: Optional[Ti
     def coeffs_of(schedule: NoiseSchedule, t: Tensor, inputs: _StepInputs) -> Tensor:
         n = len(schedule)
         if t_prev is None and s1 is None:
-            table = schedule._step_tables.get(plan.key)
-            if table is None:
+            def build() -> Tensor:
                 every = torch.arange(n, device=schedule.device)
-                table = schedule._step_tables[plan.key] = plan.build(schedule, every, every - 1)
-            return table[t]
+                return plan.build(schedule, every, every - 1)
+            return _table_rows(schedule._step_tables, plan.key, t, build)
         prev = t - 1 if t_prev is None else _timesteps(fn, "t_prev", t_prev, inputs.batch, inputs.device, n, minimum=-1)
         if s1 is None:
             return plan.build(schedule, t, prev)

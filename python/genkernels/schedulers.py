@@ -37,6 +37,7 @@ from .diffusion import (
     _half_log_snr,
     _Plan,
     _step,
+    _table_rows,
     q_sample,
 )
 
@@ -162,14 +163,12 @@ class _Scheduler:
         ``set_timesteps``: a step gathers its rows instead of computing them in some twenty small
         tensor operations."""
         def coeffs_of(schedule: NoiseSchedule, t: Tensor, inputs: Any) -> Tensor:
-            key = (plan.key, second_order, schedule.device)
-            table = self._tables.get(key)
-            if table is None:
+            def build() -> Tensor:
                 every = torch.arange(len(schedule), device=schedule.device)
                 prev = self.previous_timestep(every).to(schedule.device)
                 before = (self.timestep_before(every).to(schedule.device),) if second_order else ()
-                table = self._tables[key] = plan.build(schedule, every, prev, *before)
-            return table[t]
+                return plan.build(schedule, every, prev, *before)
+            return _table_rows(self._tables, (plan.key, second_order, schedule.device), t, build)
         return coeffs_of
 
     def scale_model_input(self, sample: Tensor, timestep: Optional[Timesteps] = None) -> Tensor:
